@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both install what is missing first.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch: kept when the venv already has one (a GPU user's build), else the pinned CPU build.
+# Elsewhere than this machine, add TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid a CUDA download.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+OUT     ?= out
+# llama-cpp-python builds from source (~7 min, then pip's wheel cache keeps it); portable CPU flags.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install run test reference-model synthetic clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the bundled model: everything the pipeline can do so far.
+run: install
+	$(VENV)/bin/minicpm-edge inspect
+	@echo "bundled model: $$($(PY) -c 'from minicpm_edge.cli import BUNDLED_MODEL; print(BUNDLED_MODEL)')"
+
+test: install
+	$(PY) -m pytest -q
+
+# Re-train the bundled reference model (about 15 minutes on 2 cores).
+reference-model: install
+	$(PY) -m minicpm_edge.reference
+
+# A MiniCPM-2B-shaped random checkpoint for benchmarks: make synthetic KIND=minicpm-2b
+KIND ?= minicpm-2b
+synthetic: install
+	$(PY) -m minicpm_edge.model.synthetic $(KIND) --out $(OUT)/synthetic-$(KIND)
+
+clean:
+	rm -rf $(OUT) .pytest_cache

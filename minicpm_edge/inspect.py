@@ -1,0 +1,37 @@
+"""What a checkpoint directory holds: architecture, config, parameters, dtypes, shapes, tying."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+from .model import Checkpoint
+
+_LAYER = re.compile(r"^model\.layers\.\d+\.")
+
+
+def summarize(path: str | Path) -> dict:
+    with Checkpoint(path) as ckpt:
+        c = ckpt.config
+        params, dtypes, shapes = 0, Counter(), {}
+        for name in ckpt.names:
+            shape = ckpt.shape(name)
+            n = math.prod(shape)
+            params += n
+            dtypes[ckpt.dtype(name)] += n
+            key = _LAYER.sub("model.layers.*.", name)
+            shapes.setdefault(key, [list(shape), 0])[1] += 1
+        return {
+            "path": str(path),
+            "architecture": c.raw.get("architectures", [c.arch])[0] if c.raw.get("architectures") else c.arch,
+            "variant": c.variant,
+            "config": c.to_dict(),
+            "muP": {"embedding_scale": c.embedding_scale, "residual_scale": c.residual_scale, "logit_scale": c.logit_scale},
+            "parameters": params,
+            "dtypes": dict(dtypes),
+            "tensors": {k: {"shape": s, "count": n} for k, (s, n) in shapes.items()},
+            "tied": c.tie_word_embeddings,
+            "tokenizer": str(ckpt.tokenizer_path) if ckpt.tokenizer_path else None,
+        }

@@ -1,0 +1,186 @@
+"""Lazy reader for HF checkpoint directories: safetensors (single or sharded) and pytorch_model*.bin.
+
+Tensors are read on demand, so one decoder layer at a time can be loaded without the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import UserError
+from .config import ModelConfig, parse_config, read_config_json
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class Checkpoint:
+    """An HF checkpoint directory: its config, tokenizer path, and tensors read one at a time."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise UserError(f"{model_dir}: not a directory")
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        self._kind = self._index()
+        raw = read_config_json(self.dir)
+        self.config: ModelConfig = parse_config(raw, has_lm_head="lm_head.weight" in self._where,
+                                                source=str(self.dir / "config.json"))
+        self._validate()
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _index(self) -> str:
+        d = self.dir
+        for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+            index = d / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{index}: malformed index ({e})") from None
+                for name, fname in weight_map.items():
+                    path = d / fname
+                    if not path.is_file():
+                        raise UserError(f"{index}: shard {fname} is missing")
+                    self._where[name] = path
+                self._check_names_in_files(kind)
+                return kind
+        files = sorted(d.glob("*.safetensors"))
+        kind = "safetensors"
+        if not files:
+            files, kind = sorted(d.glob("pytorch_model*.bin")), "bin"
+        if not files:
+            raise UserError(f"{d}: no weights found (model*.safetensors or pytorch_model*.bin)")
+        for f in files:
+            for name in self._keys(f, kind):
+                self._where[name] = f
+        return kind
+
+    def _check_names_in_files(self, kind: str) -> None:
+        for f in sorted(set(self._where.values())):
+            present = set(self._keys(f, kind))
+            absent = [n for n, p in self._where.items() if p == f and n not in present]
+            if absent:
+                raise UserError(f"{f}: index lists {absent[0]} but the shard does not hold it")
+
+    def _open(self, path: Path):
+        h = self._handles.get(path)
+        if h is None:
+            if path.suffix == ".safetensors":
+                try:
+                    h = safe_open(str(path), framework="pt")
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise UserError(f"{path}: corrupt or unreadable safetensors file ({_short(e)})") from None
+            else:
+                try:
+                    h = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # torch raises many types for corrupt pickles
+                    raise UserError(f"{path}: corrupt or unreadable PyTorch checkpoint ({_short(e)})") from None
+                if not isinstance(h, dict):
+                    raise UserError(f"{path}: expected a state dict")
+            self._handles[path] = h
+        return h
+
+    def _keys(self, path: Path, kind: str) -> list[str]:
+        h = self._open(path)
+        return list(h.keys())
+
+    def _validate(self) -> None:
+        c = self.config
+        need = ["model.embed_tokens.weight", "model.norm.weight"]
+        for i in range(c.num_hidden_layers):
+            need += [f"model.layers.{i}.{m}.weight" for m in LINEARS + NORMS]
+        missing = [n for n in need if n not in self._where]
+        if missing:
+            raise UserError(f"{self.dir}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        kv = c.num_key_value_heads * c.head_dim
+        expect = {
+            "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+            "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size),
+            "model.layers.0.self_attn.k_proj.weight": (kv, c.hidden_size),
+            "model.layers.0.self_attn.v_proj.weight": (kv, c.hidden_size),
+            "model.layers.0.self_attn.o_proj.weight": (c.hidden_size, c.num_attention_heads * c.head_dim),
+            "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            "model.layers.0.mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+        for name, shape in expect.items():
+            got = self.shape(name)
+            if got != shape:
+                raise UserError(f"{self.dir}: {name} has shape {list(got)} but config.json implies {list(shape)}")
+
+    # -- access ----------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise UserError(f"{self.dir}: tensor {name} not found")
+        return self._open(self._where[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        h = self._slice(name)
+        if isinstance(h, dict):
+            return tuple(h[name].shape)
+        return tuple(h.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        h = self._slice(name)
+        if isinstance(h, dict):
+            return str(h[name].dtype).replace("torch.", "")
+        return h.get_slice(name).get_dtype()
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        h = self._slice(name)
+        try:
+            t = h[name] if isinstance(h, dict) else h.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise UserError(f"{self._where[name]}: cannot read {name} ({_short(e)})") from None
+        t = t if dtype is None else t.to(dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{self._where[name]}: tensor {name} contains NaN or Inf")
+        return t.contiguous()
+
+    def layer_state(self, i: int, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """State dict of decoder layer i with the `model.layers.i.` prefix removed."""
+        prefix = f"model.layers.{i}."
+        return {n[len(prefix):]: self.tensor(n, dtype) for n in self._where if n.startswith(prefix)}
+
+    def embedding(self, dtype=torch.float32) -> torch.Tensor:
+        return self.tensor("model.embed_tokens.weight", dtype)
+
+    def final_norm(self, dtype=torch.float32) -> torch.Tensor:
+        return self.tensor("model.norm.weight", dtype)
+
+    def lm_head(self, dtype=torch.float32) -> torch.Tensor | None:
+        return None if self.config.tie_word_embeddings else self.tensor("lm_head.weight", dtype)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.dir / "tokenizer.model"
+        return p if p.is_file() else None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -1,0 +1,170 @@
+"""A compact torch forward of MiniCPM (and llama-format MiniCPM), runnable one piece at a time.
+
+embed -> decoder layer 0..L-1 -> final norm + head. Parameter names match the HF checkpoints, so a layer's state dict
+loads directly. The muP factors (FORMATS.md section 0) come from ModelConfig and are 1 for llama-format checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, head_dim] for HF's rotate-half convention."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    freqs = positions.float()[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, past=None):
+        c = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        rep = c.num_attention_heads // c.num_key_value_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        S = k.shape[2]
+        # causal over the full key range: query t (absolute S-T+t) sees keys 0..S-T+t
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act, self.threshold = cfg.hidden_act, cfg.hidden_act_param
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def activation(self, g: torch.Tensor) -> torch.Tensor:
+        if self.act == "silu":
+            return F.silu(g)
+        if self.act == "relu":
+            return F.relu(g)
+        return torch.where(g > self.threshold, g, torch.zeros_like(g))  # FATReLU
+
+    def forward(self, x):
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.residual_scale = cfg.residual_scale
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, past=None):
+        a, present = self.self_attn(self.input_layernorm(h), cos, sin, past)
+        h = h + a * self.residual_scale
+        h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        return h, present
+
+
+class MiniCPM(nn.Module):
+    """The whole model; for streaming use `embed`, `layers[i]` and `head` separately."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.cfg.embedding_scale
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h) / self.cfg.logit_scale
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def forward(self, ids: torch.Tensor, past: list | None = None, start: int = 0):
+        """Logits for ids [B, T] at positions start..start+T-1; returns (logits, present key/values)."""
+        cos, sin = rope_tables(self.cfg, torch.arange(start, start + ids.shape[1]))
+        h = self.embed(ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, p = layer(h, cos, sin, None if past is None else past[i])
+            presents.append(p)
+        return self.head(h), presents
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+        """Greedy decoding with the key/value cache."""
+        logits, past = self(torch.tensor([ids]))
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos_id:
+                break
+            logits, past = self(torch.tensor([[nxt]]), past, start=len(ids) + len(out) - 1)
+        return out
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
+    """The whole model in memory (small models, tests, reference runs)."""
+    model = MiniCPM(ckpt.config)
+    state = {n.removeprefix("model."): ckpt.tensor(n, dtype) for n in ckpt.names if not n.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
+
+
+def load_layer(ckpt: Checkpoint, i: int, dtype: torch.dtype = torch.float32) -> DecoderLayer:
+    """Decoder layer i alone, for streaming through a model that does not fit in memory."""
+    layer = DecoderLayer(ckpt.config)
+    state = {k: v for k, v in ckpt.layer_state(i, dtype).items() if not k.endswith("rotary_emb.inv_freq")}
+    layer.load_state_dict(state, strict=True)
+    return layer.to(dtype).eval()

@@ -1,0 +1,64 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minicpm_edge.cli import BUNDLED_MODEL
+
+TINY = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "vocab_size": 300, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 16, "rms_norm_eps": 1e-5, "torch_dtype": "float32"}
+
+
+def random_state(cfg: dict, seed: int = 0, lm_head: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
+    sd = {"model.embed_tokens.weight": torch.randn(v, h, generator=g) * 0.1,
+          "model.norm.weight": 1 + 0.3 * torch.randn(h, generator=g)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                            ("mlp.down_proj", (h, inter))):
+            sd[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            sd[p + name + ".weight"] = 1 + 0.3 * torch.randn(h, generator=g)
+    if lm_head:
+        sd["lm_head.weight"] = torch.randn(v, h, generator=g) * 0.1
+    return sd
+
+
+def write_checkpoint(path: Path, cfg: dict, state: dict, fmt: str = "safetensors", shards: int = 1) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    names = list(state)
+    parts = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for k, part in enumerate(parts, 1):
+        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{k:05d}-of-{shards:05d}.{ext}"
+        tensors = {n: state[n].contiguous() for n in part}
+        if fmt == "safetensors":
+            save_file(tensors, str(path / fname))
+        else:
+            torch.save(tensors, path / fname)
+        weight_map.update({n: fname for n in part})
+    if shards > 1:
+        (path / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    return write_checkpoint(tmp_path / "tiny", TINY, random_state(TINY))
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    return BUNDLED_MODEL

@@ -1,0 +1,87 @@
+import json
+import struct
+
+import psutil
+import pytest
+import torch
+
+from conftest import TINY, random_state, write_checkpoint
+from minicpm_edge.errors import UserError
+from minicpm_edge.model import Checkpoint
+from minicpm_edge.model.synthetic import write_synthetic
+
+
+@pytest.mark.parametrize("fmt, shards", [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_formats_and_dtypes_read_back(tmp_path, fmt, shards, dtype):
+    state = {k: v.to(dtype) for k, v in random_state(TINY).items()}
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "m", TINY, state, fmt, shards))
+    assert sorted(ckpt.names) == sorted(state)
+    assert ckpt.config.tie_word_embeddings
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert ckpt.shape(name) == tuple(state[name].shape)
+    assert ckpt.dtype(name).lower().replace("bfloat16", "bf16").replace("float16", "f16").replace("float32", "f32") in (
+        "bf16", "f16", "f32")
+    assert torch.equal(ckpt.tensor(name, None), state[name])
+    layer = ckpt.layer_state(2)
+    assert set(layer) == {k[len("model.layers.2."):] for k in state if k.startswith("model.layers.2.")}
+
+
+def test_untied_checkpoint_has_head(tmp_path):
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "m", TINY, random_state(TINY, lm_head=True)))
+    assert not ckpt.config.tie_word_embeddings and ckpt.lm_head().shape == (300, 64)
+
+
+def test_shape_mismatch_with_config(tmp_path):
+    state = random_state(TINY)
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # config says 2 KV heads -> 32 rows
+    with pytest.raises(UserError, match="k_proj.weight has shape"):
+        Checkpoint(write_checkpoint(tmp_path / "m", TINY, state))
+
+
+def test_missing_tensor(tmp_path):
+    state = random_state(TINY)
+    del state["model.layers.2.mlp.up_proj.weight"]
+    with pytest.raises(UserError, match="lacks model.layers.2.mlp.up_proj.weight"):
+        Checkpoint(write_checkpoint(tmp_path / "m", TINY, state))
+
+
+def test_corrupt_safetensors_header(tmp_path):
+    path = write_checkpoint(tmp_path / "m", TINY, random_state(TINY))
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 10)
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt or unreadable safetensors"):
+        Checkpoint(path)
+
+
+def test_nan_weights_refused(tmp_path):
+    state = random_state(TINY)
+    state["model.layers.0.mlp.gate_proj.weight"][3, 4] = float("nan")
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "m", TINY, state))
+    with pytest.raises(UserError, match="NaN or Inf"):
+        ckpt.layer_state(0)
+
+
+def test_index_pointing_to_missing_shard(tmp_path):
+    path = write_checkpoint(tmp_path / "m", TINY, random_state(TINY), shards=2)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match="shard model-00002-of-00002.safetensors is missing"):
+        Checkpoint(path)
+
+
+def test_one_layer_loads_without_the_whole_model(tmp_path):
+    """A 1B-shaped checkpoint: reading layer 1 must not pull the embedding or other layers into memory."""
+    path = write_synthetic("minicpm-1b", tmp_path / "m1b", layers=3)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 1
+    proc = psutil.Process()
+    ckpt = Checkpoint(path)
+    before = proc.memory_info().rss
+    layer = ckpt.layer_state(1)
+    grown = proc.memory_info().rss - before
+    layer_bytes = sum(t.numel() * 4 for t in layer.values())
+    total_fp32 = sum(torch.Size(ckpt.shape(n)).numel() * 4 for n in ckpt.names)
+    assert layer_bytes < total_fp32 / 4
+    assert grown < layer_bytes * 2.5, (grown, layer_bytes, total_fp32)

@@ -24,7 +24,9 @@ install: $(STAMP)
 # The main job on the bundled model: everything the pipeline can do so far.
 run: install
 	$(VENV)/bin/minicpm-edge inspect
-	@echo "bundled model: $$($(PY) -c 'from minicpm_edge.cli import BUNDLED_MODEL; print(BUNDLED_MODEL)')"
+	$(VENV)/bin/minicpm-edge quantize --bits 4 --group-size 32 --out $(OUT)/minicpm-tiny-gptq-w4g32 --force
+	$(VENV)/bin/minicpm-edge inspect $(OUT)/minicpm-tiny-gptq-w4g32
+	@echo "artifacts: $(OUT)/minicpm-tiny-gptq-w4g32 (GPTQ v1 checkpoint; eval and exports arrive with issues 4-7)"
 
 test: install
 	$(PY) -m pytest -q

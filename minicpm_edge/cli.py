@@ -68,9 +68,35 @@ def quantize(
     out: Optional[Path] = typer.Option(None, help="Output checkpoint directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
+    act_order: bool = typer.Option(False, help="Quantise columns by decreasing Hessian diagonal (with static groups)."),
+    static_groups: bool = typer.Option(False, help="Fix group parameters before the error updates."),
+    mse: bool = typer.Option(False, help="Search the clipping range that minimises the rounding error."),
 ):
     """GPTQ int4 group quantisation, layer by layer, on CPU."""
-    _not_yet("quantize", 3)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .model import Checkpoint
+    from .quant.driver import QuantOptions, quantize_checkpoint
+    from .quant.grid import QuantSpec
+
+    opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method.value, damp=damp, nsamples=nsamples,
+                        seqlen=seqlen, calib=calib, act_order=act_order, static_groups=static_groups or act_order,
+                        mse=mse, device=device)
+    if out is None:
+        out = Path("out") / f"{model.name}-{method.value}-w{bits}g{group_size}{'' if sym else '-asym'}"
+    layers = Checkpoint(model).config.num_hidden_layers
+    with Progress(TextColumn("[bold]quantize[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bar:
+        task = bar.add_task("layers", total=layers)
+
+        def on_layer(r: dict) -> None:
+            bar.update(task, completed=r["layer"] + 1,
+                       description=f"layer {r['layer']}: rel. error {r['rel_error']:.4f}, {r['seconds']:.1f}s")
+
+        result = quantize_checkpoint(model, out, opts, resume=resume, force=force, on_layer=on_layer)
+    report = json.loads((result / "quant_report.json").read_text())
+    console.print(f"wrote {result} ({method.value}, {bits}-bit, group {group_size}, {'sym' if sym else 'asym'}; "
+                  f"{report['totals']['seconds']:.1f}s; mean layer rel. error {report['totals']['mean_layer_rel_error']:.4f})")
 
 
 @app.command("eval")
@@ -144,6 +170,10 @@ def inspect(
     console.print(f"[bold]{s['architecture']}[/bold] ({s['variant']}) at {s['path']}")
     console.print(f"parameters: {s['parameters']:,} ({s['parameters'] / 1e9:.3f} B); tied embeddings: {s['tied']}; "
                   f"dtypes: {', '.join(f'{k} {v:,}' for k, v in s['dtypes'].items())}")
+    if s["quantization"]:
+        q = s["quantization"]
+        console.print(f"quantization: {q['method']} {q['bits']}-bit, group {q['group_size']}, "
+                      f"{'symmetric' if q['sym'] else 'asymmetric'}, format {q['format']}, act-order {q['desc_act']}")
     console.print(f"muP: embedding x{s['muP']['embedding_scale']:g}, residual x{s['muP']['residual_scale']:.6g}, "
                   f"logits / {s['muP']['logit_scale']:g}; tokenizer: {s['tokenizer'] or 'none'}")
     cfg = Table("key", "value", title="config")

@@ -33,5 +33,16 @@ def summarize(path: str | Path) -> dict:
             "dtypes": dict(dtypes),
             "tensors": {k: {"shape": s, "count": n} for k, (s, n) in shapes.items()},
             "tied": c.tie_word_embeddings,
+            "quantization": _quant(ckpt),
             "tokenizer": str(ckpt.tokenizer_path) if ckpt.tokenizer_path else None,
         }
+
+
+def _quant(ckpt: Checkpoint) -> dict | None:
+    if not ckpt.quant:
+        return None
+    spec = ckpt.quant["spec"]
+    first = ckpt.quantized("model.layers.0.self_attn.q_proj")
+    return {"method": "GPTQ", "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+            "format": "gptq_v2" if ckpt.quant["v2"] else "gptq (v1)", "desc_act": ckpt.quant["desc_act"],
+            "contiguous_groups": first.contiguous}

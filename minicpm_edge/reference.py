@@ -129,7 +129,7 @@ def unigram_ppl(train_ids: list[int], eval_ids: list[int], vocab: int) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)

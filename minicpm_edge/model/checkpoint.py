@@ -35,6 +35,9 @@ class Checkpoint:
         raw = read_config_json(self.dir)
         self.config: ModelConfig = parse_config(raw, has_lm_head="lm_head.weight" in self._where,
                                                 source=str(self.dir / "config.json"))
+        from ..quant.format import read_quant_config
+
+        self.quant = read_quant_config(self.dir, raw)  # None for a plain (unquantised) checkpoint
         self._validate()
 
     # -- discovery -------------------------------------------------------------------------------
@@ -97,8 +100,12 @@ class Checkpoint:
     def _validate(self) -> None:
         c = self.config
         need = ["model.embed_tokens.weight", "model.norm.weight"]
+        linear = ".qweight" if self.quant else ".weight"
         for i in range(c.num_hidden_layers):
-            need += [f"model.layers.{i}.{m}.weight" for m in LINEARS + NORMS]
+            need += [f"model.layers.{i}.{m}.weight" for m in NORMS]
+            need += [f"model.layers.{i}.{m}{linear}" for m in LINEARS]
+            if self.quant:
+                need += [f"model.layers.{i}.{m}.{x}" for m in LINEARS for x in ("qzeros", "scales")]
         missing = [n for n in need if n not in self._where]
         if missing:
             raise UserError(f"{self.dir}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
@@ -113,7 +120,7 @@ class Checkpoint:
             "model.layers.0.mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
         }
         for name, shape in expect.items():
-            got = self.shape(name)
+            got = self.linear_shape(name[:-len(".weight")]) if ".layers." in name else self.shape(name)
             if got != shape:
                 raise UserError(f"{self.dir}: {name} has shape {list(got)} but config.json implies {list(shape)}")
 
@@ -153,10 +160,36 @@ class Checkpoint:
             raise UserError(f"{self._where[name]}: tensor {name} contains NaN or Inf")
         return t.contiguous()
 
+    def linear_shape(self, prefix: str) -> tuple[int, int]:
+        """(out, in) of a Linear, quantised or not."""
+        if self.quant and self.has(prefix + ".qweight"):
+            rows, n = self.shape(prefix + ".qweight")
+            return n, rows * 32 // self.quant["spec"].bits
+        return self.shape(prefix + ".weight")
+
+    def quantized(self, prefix: str):
+        """The QuantizedLinear record of a GPTQ checkpoint's Linear (e.g. `model.layers.0.mlp.up_proj`)."""
+        from ..quant.format import SUFFIXES, QuantizedLinear
+
+        q = self.quant
+        t = {s: self.tensor(f"{prefix}.{s}", None) for s in SUFFIXES if self.has(f"{prefix}.{s}")}
+        spec = q["spec"]
+        return QuantizedLinear.from_gptq(t, spec.bits, spec.group_size, spec.sym, q["v2"], name=prefix)
+
     def layer_state(self, i: int, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """State dict of decoder layer i with the `model.layers.i.` prefix removed."""
+        """State dict of decoder layer i with the `model.layers.i.` prefix removed; GPTQ Linears dequantised."""
         prefix = f"model.layers.{i}."
-        return {n[len(prefix):]: self.tensor(n, dtype) for n in self._where if n.startswith(prefix)}
+        state = {}
+        for n in self._where:
+            if not n.startswith(prefix):
+                continue
+            short = n[len(prefix):]
+            if short.endswith(".qweight"):
+                w = self.quantized(n[:-len(".qweight")]).dequantize()
+                state[short[:-len(".qweight")] + ".weight"] = w if dtype is None else w.to(dtype)
+            elif not short.endswith((".qzeros", ".scales", ".g_idx", ".bias")) or not self.quant:
+                state[short] = self.tensor(n, dtype)
+        return state
 
     def embedding(self, dtype=torch.float32) -> torch.Tensor:
         return self.tensor("model.embed_tokens.weight", dtype)

@@ -57,6 +57,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
 
     def forward(self, x, cos, sin, past=None):
+        mixed, present = self.mix(x, cos, sin, past)
+        return self.o_proj(mixed), present
+
+    def mix(self, x, cos, sin, past=None):
+        """Attention up to (not including) o_proj: the input that o_proj sees."""
         c = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
@@ -73,7 +78,7 @@ class Attention(nn.Module):
         # causal over the full key range: query t (absolute S-T+t) sees keys 0..S-T+t
         mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), present
+        return out.transpose(1, 2).reshape(B, T, -1), present
 
 
 class MLP(nn.Module):
@@ -91,8 +96,12 @@ class MLP(nn.Module):
             return F.relu(g)
         return torch.where(g > self.threshold, g, torch.zeros_like(g))  # FATReLU
 
+    def hidden(self, x):
+        """act(gate(x)) * up(x): the input that down_proj sees."""
+        return self.activation(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x):
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 class DecoderLayer(nn.Module):
@@ -157,7 +166,10 @@ class MiniCPM(nn.Module):
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
     """The whole model in memory (small models, tests, reference runs)."""
     model = MiniCPM(ckpt.config)
-    state = {n.removeprefix("model."): ckpt.tensor(n, dtype) for n in ckpt.names if not n.endswith("rotary_emb.inv_freq")}
+    state = {n.removeprefix("model."): ckpt.tensor(n, dtype) for n in ckpt.names if not n.startswith("model.layers.")}
+    for i in range(ckpt.config.num_hidden_layers):
+        state.update({f"layers.{i}.{k}": v for k, v in ckpt.layer_state(i, dtype).items()})
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
 

@@ -1,0 +1,272 @@
+"""Layer-sequential GPTQ over a whole checkpoint: stream one decoder layer at a time, persist after each, resume.
+
+Per layer, true-sequential: [q, k, v] -> o -> [gate, up] -> down. Each group's inputs are collected with the earlier
+groups already quantised, and the next layer's inputs are the outputs of the quantised layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import calib
+from ..errors import UserError
+from ..model import Checkpoint, Tokenizer, load_layer
+from ..model.forward import DecoderLayer, rope_tables
+from .format import QuantizedLinear, quantization_config
+from .gptq import GPTQ, rtn
+from .grid import QuantSpec
+
+GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "generation_config.json")
+SHARD_BYTES = 2 * 2**30
+
+
+@dataclass
+class QuantOptions:
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    method: str = "gptq"  # or "rtn"
+    damp: float = 0.01
+    nsamples: int = 128
+    seqlen: int = 512
+    calib: str | None = None
+    act_order: bool = False
+    static_groups: bool = False
+    mse: bool = False
+    device: str = "cpu"
+    batch: int = 8  # calibration samples per forward chunk
+    seed: int = 0
+
+    def fingerprint(self, model_dir: Path, tokens: torch.Tensor) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "spec"} | self.spec.__dict__
+        d["model"] = str(Path(model_dir).resolve())
+        d["tokens"] = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: bool = False, force: bool = False,
+                        on_layer: Callable[[dict], None] | None = None, stop_after: int | None = None) -> Path:
+    """Quantise every decoder Linear of `model_dir` into a GPTQ v1 checkpoint at `out`. Returns `out`."""
+    t_start = time.time()
+    ckpt = Checkpoint(model_dir)
+    cfg = ckpt.config
+    if ckpt.quant:
+        raise UserError(f"{model_dir}: already a GPTQ checkpoint; quantise the original bf16/fp16 model")
+    if opts.method not in ("gptq", "rtn"):
+        raise UserError(f"--method {opts.method!r}: choose gptq or rtn")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    for name, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+        opts.spec.check_k(k, f"{name} {k}")
+    if ckpt.tokenizer_path is None:
+        raise UserError(f"{model_dir}: no tokenizer.model (needed to tokenise the calibration text)")
+    tok = Tokenizer(ckpt.tokenizer_path)
+    tok.check_vocab(cfg.vocab_size)
+    tokens = calib.calibration_batches(tok, calib.load_documents(opts.calib), opts.nsamples, opts.seqlen, opts.seed)
+
+    out = Path(out)
+    work = out.parent / f".{out.name}.work"
+    fingerprint = opts.fingerprint(model_dir, tokens)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; add --force to replace it")
+    state = _open_work(work, fingerprint, resume, force)
+    dev = torch.device(opts.device)
+    cos, sin = (t.to(dev) for t in rope_tables(cfg, torch.arange(opts.seqlen)))
+
+    start = state["layers_done"]
+    if start == 0:
+        emb = ckpt.embedding().to(dev)
+        h = torch.nn.functional.embedding(tokens.to(dev), emb) * cfg.embedding_scale
+        del emb
+    else:
+        h = load_file(str(work / "hidden.safetensors"))["h"].to(dev)
+    for i in range(start, cfg.num_hidden_layers):
+        t0 = time.time()
+        layer = load_layer(ckpt, i).to(dev)
+        records, report, h = quantize_layer(layer, h, cos, sin, opts)
+        report.update(layer=i, seconds=round(time.time() - t0, 3))
+        tensors = {f"model.layers.{i}.{m}.{s}": t.cpu() for m, r in records.items() for s, t in r.to_gptq().items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            name = f"model.layers.{i}.{norm}.weight"
+            tensors[name] = ckpt.tensor(name, None)
+        _atomic_save(tensors, work / f"layer_{i:04d}.safetensors")
+        _atomic_save({"h": h.cpu().contiguous()}, work / "hidden.safetensors")
+        state["layers_done"] = i + 1
+        state["report"].append(report)
+        _atomic_json(state, work / "state.json")
+        if on_layer:
+            on_layer(report)
+        del layer, records
+        if stop_after is not None and i + 1 >= stop_after:
+            return work
+    _assemble(ckpt, work, out, opts, state, time.time() - t_start, force)
+    return out
+
+
+def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOptions):
+    """Quantise one decoder layer in place, true-sequentially. Returns (records, report, output hidden states)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    n = h.shape[0]
+    chunks = [slice(s, min(s + opts.batch, n)) for s in range(0, n, opts.batch)]
+    probe = slice(0, min(8, n))
+    with torch.no_grad():
+        probe_in = h[probe].clone()
+        reference = layer(probe_in, cos, sin)[0]  # unquantised output on a few samples, for the layer's error
+    records, modules = {}, {}
+
+    def solve(names: tuple[str, ...], hessian: GPTQ) -> None:
+        for name in names:
+            lin = layer.get_submodule(name)
+            w = lin.weight.data
+            if opts.method == "gptq":
+                r = hessian.quantize(w, opts.spec, opts.damp, act_order=opts.act_order,
+                                     static_groups=opts.static_groups, mse=opts.mse)
+            else:
+                r = rtn(w, opts.spec, opts.mse)
+            modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized), 8), "damp": r.damp_used}
+            records[name] = QuantizedLinear.from_result(r, opts.spec)
+            lin.weight.data = r.dequantized.to(w.dtype)
+
+    def collect(k: int, fn) -> tuple[GPTQ, list[torch.Tensor]]:
+        H = GPTQ(k, h.device)
+        outs = []
+        with torch.no_grad():
+            for c in chunks:
+                x = fn(c)
+                H.add_batch(x)
+                outs.append(x)
+        return H, outs
+
+    hidden = layer.self_attn.q_proj.in_features
+    # [q, k, v] share one input
+    H, _ = collect(hidden, lambda c: layer.input_layernorm(h[c]))
+    solve(GROUPS[0], H)
+    # o sees attention computed with quantised q, k, v
+    H, mixed = collect(attn.o_proj.in_features, lambda c: attn.mix(layer.input_layernorm(h[c]), cos, sin)[0])
+    solve(GROUPS[1], H)
+    with torch.no_grad():
+        for c, m in zip(chunks, mixed):
+            h[c] = h[c] + attn.o_proj(m) * layer.residual_scale  # h now holds the mid-layer residual stream
+    del mixed
+    # [gate, up] share the post-attention norm's output
+    H, _ = collect(hidden, lambda c: layer.post_attention_layernorm(h[c]))
+    solve(GROUPS[2], H)
+    H, acts = collect(mlp.down_proj.in_features, lambda c: mlp.hidden(layer.post_attention_layernorm(h[c])))
+    solve(GROUPS[3], H)
+    with torch.no_grad():
+        for c, a in zip(chunks, acts):
+            h[c] = h[c] + mlp.down_proj(a) * layer.residual_scale
+    del acts
+    # the layer's relative output error on the probe samples: |out_q - out| / |out - in| (of what the layer adds)
+    branch = (reference - probe_in).norm()
+    rel = float((h[probe] - reference).norm() / branch) if branch > 0 else 0.0
+    return records, {"modules": modules, "rel_error": round(rel, 8)}, h
+
+
+def _open_work(work: Path, fingerprint: str, resume: bool, force: bool) -> dict:
+    state_path = work / "state.json"
+    if work.exists() and not resume:
+        if not force:
+            raise UserError(f"an interrupted run is in {work}; add --resume to continue it or --force to start over")
+        shutil.rmtree(work)
+    if resume and state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{state_path}: unreadable; start over with --force") from None
+        if state.get("fingerprint") != fingerprint:
+            raise UserError(f"{work} was started with other settings, model or calibration text; "
+                            "repeat the original options or start over with --force")
+        return state
+    work.mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fingerprint, "layers_done": 0, "report": []}
+    _atomic_json(state, state_path)
+    return state
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state: dict, seconds: float,
+              force: bool) -> None:
+    """Write the final checkpoint into the work area, then move it into place in one rename."""
+    cfg = ckpt.config
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    head = {"model.embed_tokens.weight": ckpt.tensor("model.embed_tokens.weight", None),
+            "model.norm.weight": ckpt.tensor("model.norm.weight", None)}
+    if not cfg.tie_word_embeddings:
+        head["lm_head.weight"] = ckpt.tensor("lm_head.weight", None)
+    parts = [head] + [load_file(str(work / f"layer_{i:04d}.safetensors")) for i in range(cfg.num_hidden_layers)]
+    shards, cur, size = [], {}, 0
+    for part in parts:
+        nbytes = sum(t.numel() * t.element_size() for t in part.values())
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur.update(part)
+        size += nbytes
+    shards.append(cur)
+    meta = {"format": "pt", "quantizer": "minicpm-edge"}
+    if len(shards) == 1:
+        save_file(shards[0], str(final / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(final / fname), metadata=meta)
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (final / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    qcfg = quantization_config(opts.spec, opts.damp, opts.method, opts.act_order, opts.static_groups)
+    config = dict(cfg.raw)
+    config["quantization_config"] = qcfg
+    config["torch_dtype"] = "float16"
+    (final / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (final / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (ckpt.dir / name).is_file():
+            shutil.copy(ckpt.dir / name, final / name)
+    layers = state["report"]
+    report = {"model": str(ckpt.dir), "method": opts.method, "bits": opts.spec.bits,
+              "group_size": opts.spec.group_size, "sym": opts.spec.sym, "damp": opts.damp,
+              "calibration": {"source": opts.calib or "bundled", "nsamples": opts.nsamples, "seqlen": opts.seqlen},
+              "totals": {"seconds": round(seconds, 2), "layer_seconds": round(sum(r["seconds"] for r in layers), 2),
+                         "mean_layer_rel_error": sum(r["rel_error"] for r in layers) / len(layers)},
+              "layers": layers}
+    (final / "quant_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    old = None
+    if out.exists():
+        if not force:
+            raise UserError(f"{out} exists; add --force to replace it")
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(final, out)
+    shutil.rmtree(work)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,112 @@
+"""The GPTQ checkpoint: the hand-off between the quantiser and every exporter.
+
+`QuantizedLinear` is the in-memory record (codes, scales, true zero points, g_idx, grid); `to_gptq` / `from_gptq` map
+it to and from the AutoGPTQ / GPTQModel / transformers tensors (FORMATS.md section 1), so checkpoints made by other
+tools load into the same representation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .grid import QuantSpec, make_g_idx, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+QUANTIZER = "minicpm-edge"
+
+
+@dataclass
+class QuantizedLinear:
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # float16 [groups, N]
+    zeros: torch.Tensor  # int32 [groups, N], true zero points
+    g_idx: torch.Tensor  # int32 [K], group of each input column
+    bits: int
+    group_size: int  # -1: per channel
+    sym: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    @property
+    def contiguous(self) -> bool:
+        """Groups are runs of `group_size` consecutive input columns (no runtime act-order permutation)."""
+        return torch.equal(self.g_idx.to(torch.int32), make_g_idx(self.shape[1], self.spec))
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return self.scales.float()[g].t() * (self.codes.float() - self.zeros.float()[g].t())
+
+    @classmethod
+    def from_result(cls, r, spec: QuantSpec) -> "QuantizedLinear":
+        return cls(r.codes, r.scales.half(), r.zeros, r.g_idx, spec.bits, spec.group_size, spec.sym)
+
+    def to_gptq(self) -> dict[str, torch.Tensor]:
+        return {"qweight": pack_qweight(self.codes, self.bits), "qzeros": pack_qzeros(self.zeros, self.bits),
+                "scales": self.scales.half().contiguous(), "g_idx": self.g_idx.to(torch.int32).contiguous()}
+
+    @classmethod
+    def from_gptq(cls, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool, v2: bool = False,
+                  name: str = "") -> "QuantizedLinear":
+        qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+        k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        g_idx = t.get("g_idx")
+        if g_idx is None:
+            g_idx = make_g_idx(k, QuantSpec(bits, group_size, sym))
+        groups = scales.shape[0]
+        if scales.shape[1] != n or qzeros.shape != (groups, n * bits // 32) or g_idx.shape != (k,):
+            raise UserError(f"{name}: inconsistent GPTQ tensor shapes (qweight {list(qweight.shape)}, "
+                            f"qzeros {list(qzeros.shape)}, scales {list(scales.shape)}, g_idx {list(g_idx.shape)})")
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+            raise UserError(f"{name}: g_idx refers to groups outside 0..{groups - 1}")
+        zeros = unpack_qzeros(qzeros, bits, n)
+        if v2:  # GPTQModel's internal format stores the true zero
+            zeros = (zeros - 1) & ((1 << bits) - 1)
+        return cls(unpack_qweight(qweight, bits, k), scales.half(), zeros, g_idx.to(torch.int32), bits, group_size, sym)
+
+
+def parse_quant_config(cfg: dict, source: str) -> dict:
+    """Normalise a GPTQ quantization_config / quantize_config.json."""
+    method = cfg.get("quant_method", "gptq")
+    if method != "gptq":
+        raise UserError(f"{source}: quant_method {method!r} is not supported; only GPTQ checkpoints are")
+    fmt = cfg.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UserError(f"{source}: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
+    try:
+        spec = QuantSpec(int(cfg["bits"]), int(cfg.get("group_size", -1)), bool(cfg.get("sym", True)))
+    except KeyError:
+        raise UserError(f"{source}: quantization config lacks 'bits'") from None
+    return {"spec": spec, "v2": fmt == "gptq_v2", "desc_act": bool(cfg.get("desc_act", False)), "raw": cfg}
+
+
+def quantization_config(spec: QuantSpec, damp: float, method: str, act_order: bool, static_groups: bool,
+                        true_sequential: bool = True) -> dict:
+    from .. import __version__
+    return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": act_order,
+            "sym": spec.sym, "damp_percent": damp, "static_groups": static_groups,
+            "true_sequential": true_sequential, "checkpoint_format": "gptq",
+            "meta": {"quantizer": [f"{QUANTIZER}:{__version__}"], "method": method}}
+
+
+def read_quant_config(model_dir: Path, config: dict) -> dict | None:
+    """The checkpoint's GPTQ settings, from config.json or quantize_config.json; None for a plain checkpoint."""
+    if isinstance(config.get("quantization_config"), dict):
+        return parse_quant_config(config["quantization_config"], f"{model_dir}/config.json")
+    path = Path(model_dir) / "quantize_config.json"
+    if path.is_file():
+        try:
+            return parse_quant_config(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    return None

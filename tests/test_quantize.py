@@ -1,0 +1,151 @@
+"""The layer-sequential driver and `minicpm-edge quantize` on the bundled reference model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minicpm_edge.errors import UserError
+from minicpm_edge.model import Checkpoint, load_model
+from minicpm_edge.quant import QuantSpec
+from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
+
+FAST = dict(nsamples=32, seqlen=256)
+
+
+@pytest.fixture(scope="module")
+def quantized(bundled, tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    gptq = quantize_checkpoint(bundled, root / "gptq", QuantOptions(**FAST))
+    rtn = quantize_checkpoint(bundled, root / "rtn", QuantOptions(method="rtn", **FAST))
+    return gptq, rtn
+
+
+def test_checkpoint_is_complete_gptq_v1(quantized, bundled):
+    out, _ = quantized
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "quantize_config.json", "model.safetensors", "tokenizer.model", "quant_report.json"} <= names
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no work area left behind
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 32 and q["sym"] is True
+    assert q["checkpoint_format"] == "gptq" and q["desc_act"] is False and q["meta"]["quantizer"][0].startswith("minicpm-edge")
+    assert json.loads((out / "quantize_config.json").read_text()) == q
+    t = load_file(str(out / "model.safetensors"))
+    ref = Checkpoint(bundled)
+    c = ref.config
+    p = "model.layers.0.mlp.down_proj."
+    assert t[p + "qweight"].dtype == torch.int32 and t[p + "qweight"].shape == (c.intermediate_size // 8, c.hidden_size)
+    assert t[p + "qzeros"].shape == (c.intermediate_size // 32, c.hidden_size // 8)
+    assert (t[p + "qzeros"] == 0x77777777).all()  # symmetric: true zero 8 stored as 7
+    assert t[p + "scales"].dtype == torch.float16 and t[p + "g_idx"].dtype == torch.int32
+    # embedding, norms (and the tied head) stay in their original precision, bit for bit
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.2.input_layernorm.weight"):
+        assert t[name].dtype == torch.bfloat16 and torch.equal(t[name], ref.tensor(name, None))
+    assert "lm_head.weight" not in t
+    report = json.loads((out / "quant_report.json").read_text())
+    assert len(report["layers"]) == c.num_hidden_layers
+    for layer in report["layers"]:
+        assert set(layer["modules"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        assert 0 < layer["rel_error"] < 0.5 and layer["seconds"] > 0
+
+
+def test_gptq_error_below_rtn_for_every_module_type(quantized):
+    gptq, rtn = (json.loads((d / "quant_report.json").read_text())["layers"] for d in quantized)
+    for module in gptq[0]["modules"]:
+        g = sum(layer["modules"][module]["rel_error"] for layer in gptq)
+        r = sum(layer["modules"][module]["rel_error"] for layer in rtn)
+        assert g < 0.9 * r, (module, g, r)
+
+
+def test_quantised_model_runs_and_stays_close(quantized, bundled):
+    ref, q = load_model(Checkpoint(bundled)), load_model(Checkpoint(quantized[0]))
+    ids = torch.randint(5, 4000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids)[0].log_softmax(-1), q(ids)[0].log_softmax(-1)
+    kl = (a.exp() * (a - b)).sum(-1).mean().item()
+    assert 0 < kl < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128, False), QuantSpec(3, 64, True), QuantSpec(8, -1, True)])
+def test_other_grids(bundled, tmp_path, spec):
+    out = quantize_checkpoint(bundled, tmp_path / "q", QuantOptions(spec=spec, nsamples=8, seqlen=128))
+    ck = Checkpoint(out)
+    assert ck.quant["spec"] == spec
+    rec = ck.quantized("model.layers.1.self_attn.o_proj")
+    assert rec.codes.max() <= spec.maxq and rec.contiguous
+    assert torch.isfinite(load_model(ck).embed_tokens.weight).all()
+
+
+def test_refusals(bundled, quantized, tmp_path):
+    with pytest.raises(UserError, match="exists; add --force"):
+        quantize_checkpoint(bundled, quantized[0], QuantOptions(**FAST))
+    with pytest.raises(UserError, match="already a GPTQ checkpoint"):
+        quantize_checkpoint(quantized[0], tmp_path / "x", QuantOptions(**FAST))
+    with pytest.raises(UserError, match="calibration text too short"):
+        quantize_checkpoint(bundled, tmp_path / "y", QuantOptions(nsamples=4096, seqlen=512))
+    with pytest.raises(UserError, match="no CUDA device"):
+        quantize_checkpoint(bundled, tmp_path / "z", QuantOptions(device="cuda", **FAST))
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def run_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "minicpm_edge", "quantize", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_then_resume_is_bit_identical(bundled, tmp_path):
+    args = ["--nsamples", "64", "--seqlen", "512"]
+    full = run_cli(bundled, "--out", tmp_path / "full", *args)
+    assert full.wait() == 0, full.stderr.read()
+    victim = run_cli(bundled, "--out", tmp_path / "resumed", *args)
+    state = tmp_path / ".resumed.work" / "state.json"
+    killed_at = None
+    while victim.poll() is None:
+        if state.is_file():
+            try:
+                done = json.loads(state.read_text())["layers_done"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+            if done >= 1:
+                os.kill(victim.pid, signal.SIGKILL)
+                killed_at = done
+                break
+        time.sleep(0.005)
+    victim.wait()
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert not (tmp_path / "resumed").exists()
+    again = run_cli(bundled, "--out", tmp_path / "resumed", *args)
+    assert again.wait() != 0 and "--resume" in again.stderr.read()  # an interrupted run is not silently restarted
+    resumed = run_cli(bundled, "--out", tmp_path / "resumed", "--resume", *args)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_with_other_settings_is_refused(bundled, tmp_path):
+    quantize_checkpoint(bundled, tmp_path / "q", QuantOptions(**FAST), stop_after=1)
+    with pytest.raises(UserError, match="other settings"):
+        quantize_checkpoint(bundled, tmp_path / "q", QuantOptions(damp=0.1, **FAST), resume=True)
+    out = quantize_checkpoint(bundled, tmp_path / "q", QuantOptions(**FAST), resume=True)
+    assert len(json.loads((out / "quant_report.json").read_text())["layers"]) == Checkpoint(bundled).config.num_hidden_layers
+
+
+def test_cli_quantize_and_inspect(bundled, tmp_path):
+    p = run_cli("--out", tmp_path / "c", "--nsamples", "8", "--seqlen", "128", "--bits", "4", "--asym")
+    assert p.wait() == 0, p.stderr.read()
+    assert "wrote" in p.stdout.read()
+    r = subprocess.run([sys.executable, "-m", "minicpm_edge", "inspect", tmp_path / "c"], capture_output=True, text=True)
+    assert r.returncode == 0 and "GPTQ 4-bit, group 32, asymmetric" in r.stdout
+    bad = run_cli("--out", tmp_path / "d", "--group-size", "48")
+    assert bad.wait() == 2 and "Traceback" not in bad.stderr.read()

@@ -10,7 +10,7 @@ OUT     ?= out
 # llama-cpp-python builds from source (~7 min, then pip's wheel cache keeps it); portable CPU flags.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install run test reference-model synthetic clean
+.PHONY: install run test reference-model synthetic interop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,17 @@ reference-model: install
 KIND ?= minicpm-2b
 synthetic: install
 	$(PY) -m minicpm_edge.model.synthetic $(KIND) --out $(OUT)/synthetic-$(KIND)
+
+# Our GPTQ checkpoint through transformers + optimum + gptqmodel 7.6.0 (own venv: it pins numpy 2.2.6).
+GQ_VENV ?= .venv-gptqmodel
+$(GQ_VENV)/.installed:
+	test -x $(GQ_VENV)/bin/python || python3 -m venv $(GQ_VENV)
+	$(GQ_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(GQ_VENV)/bin/python -m pip install -q gptqmodel==7.6.0 optimum
+	touch $@
+interop: install $(GQ_VENV)/.installed
+	$(PY) tests/interop/gptqmodel_interop.py export $(OUT)/interop-gptq
+	GPTQMODEL_CPU_WORKERS=2 $(GQ_VENV)/bin/python tests/interop/gptqmodel_interop.py check $(OUT)/interop-gptq
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -31,8 +31,9 @@ class Checkpoint:
             raise UserError(f"{model_dir}: not a directory")
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._handles: dict[Path, object] = {}
-        self._kind = self._index()
         raw = read_config_json(self.dir)
+        parse_config(raw, source=str(self.dir / "config.json"))  # config errors first, before any weights are read
+        self._kind = self._index()
         self.config: ModelConfig = parse_config(raw, has_lm_head="lm_head.weight" in self._where,
                                                 source=str(self.dir / "config.json"))
         from ..quant.format import read_quant_config

@@ -28,6 +28,10 @@ from .model import Checkpoint, Tokenizer, load_model, parse_config
 from .model.forward import MiniCPM
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "assets" / "minicpm-tiny"
+# The files the shipped model was trained and evaluated on; the calibration set may grow, the training text may not.
+TRAIN_FILES = ("core_chat.jsonl", "core_code.txt", "core_prose_en.txt", "core_prose_zh.txt", "core_translation.jsonl",
+               "math_drills.txt")
+HELDOUT_FILES = ("core_en.txt", "core_zh.txt")
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip", "__pycache__", "dist-packages"}
 
 CONFIG = {
@@ -142,9 +146,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    calib_docs = calib.load_documents(None)
+    calib_docs = [d for f in TRAIN_FILES for d in calib.read_file(calib.CALIB_DIR / f)]
     train_docs = stdlib_docstrings(held_out=False) + calib_docs
-    heldout_docs = calib.heldout_documents() + stdlib_docstrings(held_out=True)
+    heldout_docs = [d for f in HELDOUT_FILES for d in calib.read_file(calib.HELDOUT_DIR / f)] + stdlib_docstrings(held_out=True)
     tok = train_tokenizer(train_docs, out, CONFIG["vocab_size"])
     train_ids = calib.token_stream(tok, train_docs)
     heldout_ids = calib.token_stream(tok, heldout_docs)[:40000]
@@ -231,9 +235,9 @@ so that quantisation drift is measured on a trained model, not random weights. N
 | muP | scale_emb {c['scale_emb']}, scale_depth {c['scale_depth']}, dim_model_base {c['dim_model_base']} (logits / {c['hidden_size'] // c['dim_model_base']}), tied embeddings |
 | tokenizer | SentencePiece BPE, {c['vocab_size']} pieces, byte fallback, identity normaliser, `<用户>` and `<AI>` pieces |
 | weights | bf16 safetensors |
-| training text | Python {r['python']} standard-library docstrings (9 modules in 10) + `calib_data/` ({r['train_corpus_tokens']} tokens) |
+| training text | Python {r['python']} standard-library docstrings (9 modules in 10) + `calib_data/` {', '.join(TRAIN_FILES)} ({r['train_corpus_tokens']} tokens) |
 | training | {r['steps']} steps x {r['batch']} x {r['seqlen']} tokens = {r['train_tokens_seen']} tokens, AdamW, seed {r['seed']}, {r['seconds']:.0f} s on 2 CPU cores |
-| held-out text | `calib_data/heldout/` + docstrings of the held-out modules: {r['heldout_tokens']} tokens scored |
+| held-out text | `calib_data/heldout/` {', '.join(HELDOUT_FILES)} + docstrings of the held-out modules: {r['heldout_tokens']} tokens scored |
 | held-out PPL | **{r['heldout_ppl']:.2f}** (non-overlapping {r['seqlen']}-token windows, every position scored, bf16 weights) |
 | unigram PPL | {r['unigram_ppl']:.2f} (add-one unigram estimated on the training tokens, same positions) |
 

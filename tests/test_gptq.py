@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from minicpm_edge.errors import UserError
-from minicpm_edge.quant import GPTQ, QuantSpec, rtn
-from minicpm_edge.quant.format import QuantizedLinear
-from minicpm_edge.quant.grid import dequantize
+from minicpm_edge.quant import GPTQ, QuantResult, QuantSpec, rtn
+from minicpm_edge.quant.grid import dequantize, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
 
 def correlated(n=2048, k=256, seed=0):
+    """x = z @ A with a random mixing matrix A: strongly correlated input features, like a real Linear's inputs."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(k, k, generator=g) / k ** 0.5
     return torch.randn(n, k, generator=g) @ mix + 0.05 * torch.randn(n, k, generator=g)
@@ -24,83 +24,151 @@ def solver(x):
     return g
 
 
-def consistent(r):
+def out_err(x, w, deq) -> float:
+    return float((x @ (w - deq).t()).pow(2).sum())
+
+
+def check(r: QuantResult, spec: QuantSpec) -> None:
+    """The invariants every result keeps: exact dequantisation from its own tensors, lossless GPTQ v1 packing."""
+    n, k = r.codes.shape
+    assert r.codes.dtype == torch.uint8 and r.zeros.dtype == torch.int32 and r.g_idx.dtype == torch.int32
+    assert r.scales.shape == r.zeros.shape == (spec.groups(k), n) and r.g_idx.shape == (k,)
+    assert int(r.codes.max()) <= spec.maxq and int(r.zeros.min()) >= 0 and int(r.zeros.max()) <= spec.maxq
+    assert torch.equal(r.scales.half().float(), r.scales)  # what the checkpoint stores (fp16) loses nothing
     gi = r.g_idx.long()
-    return torch.equal(dequantize(r.codes.float(), r.scales[gi].t(), r.zeros[gi].t().float()), r.dequantized)
+    assert torch.equal(dequantize(r.codes.float(), r.scales[gi].t(), r.zeros[gi].t().float()), r.dequantized)
+    assert torch.equal(unpack_qweight(pack_qweight(r.codes, spec.bits), spec.bits, k), r.codes)
+    assert torch.equal(unpack_qzeros(pack_qzeros(r.zeros, spec.bits), spec.bits, n), r.zeros)
+    assert torch.isfinite(r.dequantized).all()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    x = correlated()
+    return x, weight(), solver(x)
 
 
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
-def test_gptq_beats_rtn(sym, group):
-    x, w = correlated(), weight()
+def test_gptq_beats_rtn(calib, sym, group):
+    x, w, g = calib
     spec = QuantSpec(4, group, sym)
-    g = solver(x)
     r, b = g.quantize(w, spec), rtn(w, spec)
-    assert consistent(r) and consistent(b)
-    eg, er = g.output_error(w, r.dequantized), g.output_error(w, b.dequantized)
-    assert eg < 0.85 * er, (eg, er)
-    # the error from H equals the error measured on the activations
-    direct = ((x @ (w - r.dequantized).t()).norm() / (x @ w.t()).norm()).item()
-    assert direct == pytest.approx(eg, rel=1e-3)
-    # the record round-trips through the GPTQ v1 tensors
-    rec = QuantizedLinear.from_result(r, spec)
-    back = QuantizedLinear.from_gptq(rec.to_gptq(), 4, group, sym)
-    assert torch.equal(back.codes, rec.codes) and torch.equal(back.zeros, rec.zeros)
-    assert torch.equal(back.dequantize(), r.dequantized)
+    check(r, spec)
+    check(b, spec)
+    assert r.perm is None and r.damp_used == 0.01 and r.loss > 0
+    eg, er = out_err(x, w, r.dequantized), out_err(x, w, b.dequantized)
+    assert eg < 0.6 * er, (eg, er)  # measured 0.48-0.51 for every grid here
+    # the error computed from H equals the error measured on the activations
+    assert g.output_error(w, r.dequantized) == pytest.approx((eg / float((x @ w.t()).pow(2).sum())) ** 0.5, rel=1e-3)
+
+
+def test_rtn_is_plain_rounding():
+    w = weight()
+    spec = QuantSpec(4, 64, False)
+    r = rtn(w, spec)
+    gi = r.g_idx.long()
+    s, z = r.scales[gi].t(), r.zeros[gi].t().float()
+    assert torch.equal(r.codes.float(), torch.clamp(torch.round(w / s) + z, 0, 15))
+    assert r.damp_used == 0 and r.perm is None
 
 
 def test_hessian_is_two_over_n_sum_xxt():
     x = correlated(n=300, k=32)
     g = GPTQ(32)
     g.add_batch(x[:100])
-    g.add_batch(x[100:])
-    assert torch.allclose(g.H, 2 / 300 * x.t() @ x, atol=1e-5)
+    g.add_batch(x[100:].view(2, 100, 32))  # any leading shape
+    assert g.n == 300 and torch.allclose(g.H, 2 / 300 * x.t() @ x, atol=1e-5)
     masked = GPTQ(32)
     mask = torch.zeros(300, dtype=torch.bool)
     mask[:120] = True
     masked.add_batch(x, mask)  # padding is left out and not counted
+    masked.add_batch(x, torch.zeros(300, dtype=torch.bool))  # an all-padding batch changes nothing
     assert masked.n == 120 and torch.allclose(masked.H, 2 / 120 * x[:120].t() @ x[:120], atol=1e-5)
 
 
-def test_dead_columns():
-    x = correlated(k=128)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns(act_order):
+    x = correlated(n=1024, k=128)
     x[:, 5] = 0
+    x[:, 70] = 0
     w = weight(k=128)
-    r = solver(x).quantize(w, QuantSpec())
-    assert torch.isfinite(r.dequantized).all()
-    assert (r.dequantized[:, 5] == 0).all()
+    spec = QuantSpec(4, 32, False)
+    r = solver(x).quantize(w, spec, act_order=act_order, static_groups=act_order)
+    check(r, spec)
+    assert (r.dequantized[:, [5, 70]] == 0).all()
 
 
 def test_damping_grows_when_cholesky_fails():
     x = correlated(n=16, k=128)  # rank 16 < 128: singular H
     g = solver(x)
-    r = g.quantize(weight(k=128), QuantSpec(), damp=0.0)
-    assert r.damp_used > 0 and torch.isfinite(r.dequantized).all()
+    spec = QuantSpec()
+    r = g.quantize(weight(k=128), spec, damp=0.0)
+    check(r, spec)
+    assert r.damp_used > 0
 
 
-def test_act_order_needs_static_groups_and_keeps_groups_contiguous():
-    x, w = correlated(), weight()
-    g = solver(x)
+def test_damping_gives_up_with_user_error():
+    g = GPTQ(32)
+    g.add_batch(torch.randn(64, 32))
+    g.H = -g.H  # negative definite: no damping of the form d*mean(diag H) helps
+    with pytest.raises(UserError, match="not positive definite"):
+        g.quantize(weight(k=32), QuantSpec())
+
+
+def test_act_order_with_static_groups(calib):
+    x, w, g = calib
+    spec = QuantSpec(4, 32, False)
+    plain = g.quantize(w, spec)
+    static = g.quantize(w, spec, static_groups=True)
+    r = g.quantize(w, spec, act_order=True, static_groups=True)
+    check(r, spec)
+    check(static, spec)
+    assert r.g_idx.tolist() == [i // 32 for i in range(256)]  # groups contiguous, original column order
+    assert sorted(r.perm.tolist()) == list(range(256)) and r.perm.tolist() != list(range(256))
+    assert torch.equal(r.scales, static.scales) and torch.equal(r.zeros, static.zeros)  # up-front parameters
+    e_act, e_plain = out_err(x, w, r.dequantized), out_err(x, w, plain.dequantized)
+    assert e_act < 1.15 * e_plain, (e_act, e_plain)
+    assert e_act < 0.6 * out_err(x, w, rtn(w, spec).dequantized)
+
+
+def test_act_order_needs_static_groups(calib):
+    x, w, g = calib
     with pytest.raises(UserError, match="static groups"):
         g.quantize(w, QuantSpec(), act_order=True)
-    r = g.quantize(w, QuantSpec(), act_order=True, static_groups=True)
-    assert consistent(r)
-    assert r.g_idx.tolist() == [i // 32 for i in range(256)]
-    assert g.output_error(w, r.dequantized) < g.output_error(w, rtn(w, QuantSpec()).dequantized)
+    spec = QuantSpec(4, -1)  # per channel: one group, trivially contiguous
+    r = g.quantize(w, spec, act_order=True)
+    check(r, spec)
+    assert r.perm is not None
 
 
 def test_bad_calibration():
     g = GPTQ(16)
     with pytest.raises(UserError, match="no calibration tokens"):
         g.quantize(weight(k=16, n=8), QuantSpec(4, -1))
+    g.add_batch(torch.randn(10, 16), torch.zeros(10, dtype=torch.bool))
+    with pytest.raises(UserError, match="no calibration tokens"):
+        g.quantize(weight(k=16, n=8), QuantSpec(4, -1))
     x = torch.randn(10, 16)
     x[3, 3] = float("nan")
     with pytest.raises(UserError, match="NaN or Inf"):
         g.add_batch(x)
+    with pytest.raises(UserError, match="features"):
+        g.add_batch(torch.randn(10, 8))
+    g.add_batch(torch.randn(10, 16))
+    with pytest.raises(UserError, match="input features"):
+        g.quantize(weight(k=32, n=8), QuantSpec(4, -1))
 
 
-def test_low_bits_damage_ordering():
-    x, w = correlated(), weight()
-    g = solver(x)
+def test_low_bits_damage_ordering(calib):
+    x, w, g = calib
     errs = [g.output_error(w, g.quantize(w, QuantSpec(b, 32)).dequantized) for b in (2, 3, 4, 8)]
     assert errs == sorted(errs, reverse=True) and errs[-1] < 0.01
+
+
+def test_mse_and_three_bit(calib):
+    x, w, g = calib
+    spec = QuantSpec(3, 128, False)
+    r = g.quantize(w, spec, mse=True)
+    check(r, spec)
+    assert out_err(x, w, r.dequantized) < 0.6 * out_err(x, w, rtn(w, spec, mse=True).dequantized)

@@ -16,16 +16,21 @@ import torch
 from ..errors import UserError
 from .grid import QuantSpec, dequantize, find_params, make_g_idx, quantize_codes
 
+DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
+
 
 @dataclass
 class QuantResult:
+    """One quantised matrix, every tensor in the original column order and on the weight's device."""
+
     codes: torch.Tensor  # uint8 [N, K]
     scales: torch.Tensor  # float32 [groups, N] (fp16-representable)
     zeros: torch.Tensor  # int32 [groups, N] true zero points
     g_idx: torch.Tensor  # int32 [K]
-    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T)
-    damp_used: float = 0.0
-    loss: float = 0.0  # sum over columns of err^2 / d^2 (the GPTQ objective proxy)
+    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T), exactly
+    damp_used: float = 0.0  # damping actually applied, as a fraction of mean(diag H)
+    loss: float = 0.0  # sum over columns of err^2 / d^2 / 2 (the GPTQ objective proxy)
+    perm: torch.Tensor | None = None  # act-order: the order columns were quantised in (original indices)
 
 
 class GPTQ:
@@ -38,119 +43,127 @@ class GPTQ:
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count."""
-        x = x.reshape(-1, self.k).float()
+        if x.shape[-1] != self.k:
+            raise UserError(f"calibration activations have {x.shape[-1]} features, the layer expects {self.k}")
+        x = x.detach().reshape(-1, self.k).to(self.H.device, torch.float32)
         if mask is not None:
-            x = x[mask.reshape(-1).bool()]
+            x = x[mask.reshape(-1).to(x.device, torch.bool)]
         if not torch.isfinite(x).all():
             raise UserError("calibration activations contain NaN or Inf; check the model weights and calibration text")
         m = x.shape[0]
         if m == 0:
             return
-        self.H *= self.n / (self.n + m)
+        self.H *= self.n / (self.n + m)  # running average: H stays (2/n) sum x x^T after every batch
         self.n += m
         x = x * math.sqrt(2 / self.n)
         self.H.addmm_(x.t(), x)
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
                  act_order: bool = False, static_groups: bool = False, mse: bool = False) -> QuantResult:
+        """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come."""
         if self.n == 0:
             raise UserError("no calibration tokens reached this layer")
         if act_order and not static_groups and spec.group_size != -1:
             raise UserError("act-order needs static groups (--static-groups) so groups stay contiguous along K")
-        W = weight.detach().float().clone()
+        if damp < 0 or blocksize < 1:
+            raise UserError(f"damping must be >= 0 and block size >= 1 (got {damp}, {blocksize})")
+        W = weight.detach().to(torch.float32).clone()
         n_out, k = W.shape
+        if k != self.k:
+            raise UserError(f"weight has {k} input features, the calibration activations {self.k}")
         spec.check_k(k)
-        H = self.H.clone()
-        dead = torch.diag(H) == 0
+        H = self.H.to(W.device).clone()
+        if not torch.isfinite(H).all():
+            raise UserError("the calibration Hessian overflowed float32; check the model's activations")
+        dead = torch.diag(H) == 0  # inputs that are always zero: any weight there is free, quantise it as 0
         H[dead, dead] = 1
         W[:, dead] = 0
 
-        glen = spec.group_len(k)
+        glen, n_groups = spec.group_len(k), spec.groups(k)
         static = None
-        if static_groups or spec.group_size == -1:
-            static = [find_params(W[:, g * glen:(g + 1) * glen], spec, mse) for g in range(spec.groups(k))]
-        perm = None
-        if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True)
+        if static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
+            static = [find_params(W[:, g * glen:(g + 1) * glen], spec, mse) for g in range(n_groups)]
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+        if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
         Hinv, damp_used = _inverse_cholesky(H, damp)
 
+        dev = W.device
         Q = torch.zeros_like(W)
         codes = torch.zeros_like(W)
-        scales = torch.zeros(spec.groups(k), n_out)
-        zeros = torch.zeros(spec.groups(k), n_out)
-        losses = torch.zeros(n_out)
-        col = perm if perm is not None else torch.arange(k)
-        scale = zero = None
+        scales = torch.zeros(n_groups, n_out, device=dev)
+        zeros = torch.zeros(n_groups, n_out, device=dev)
+        losses = torch.zeros(n_out, device=dev)
+        order = perm.tolist() if perm is not None else range(k)  # original index of each processed column
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
             W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
             Err1 = torch.zeros_like(W1)
             for j in range(i2 - i1):
-                c = int(col[i1 + j])  # original column index
+                c = order[i1 + j]
                 g = c // glen
                 if static is not None:
                     scale, zero = static[g]
+                    scales[g], zeros[g] = scale, zero
                 elif c % glen == 0:  # entering a group: its columns as updated so far
                     scale, zero = find_params(torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :glen], spec, mse)
-                scales[g], zeros[g] = scale, zero
+                    scales[g], zeros[g] = scale, zero
                 w, d = W1[:, j], Hinv1[j, j]
                 q = quantize_codes(w, scale, zero, spec.maxq)
                 codes[:, i1 + j] = q
                 Q[:, i1 + j] = dequantize(q, scale, zero)
                 err = (w - Q[:, i1 + j]) / d
-                losses += (w - Q[:, i1 + j]) ** 2 / d ** 2 / 2
+                losses += err ** 2 / 2
                 W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
                 Err1[:, j] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after this block
 
         if perm is not None:
             inv = torch.argsort(perm)
             Q, codes = Q[:, inv], codes[:, inv]
-        return QuantResult(codes.to(torch.uint8), scales, zeros.to(torch.int32), make_g_idx(k, spec), Q,
-                           damp_used, float(losses.sum()))
+        return QuantResult(codes.to(torch.uint8), scales, zeros.to(torch.int32), make_g_idx(k, spec, dev), Q,
+                           damp_used, float(losses.sum()), perm)
 
     def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor) -> float:
         """Relative output error ||X(W - Q)^T|| / ||XW^T|| over the calibration tokens, computed from H."""
-        W = weight.float()
-        D = W - dequantized
+        W = weight.float().to(self.H.device)
+        D = W - dequantized.float().to(self.H.device)
         num = torch.einsum("nk,kl,nl->", D, self.H, D)
         den = torch.einsum("nk,kl,nl->", W, self.H, W)
         return math.sqrt(max(float(num / den), 0.0)) if den > 0 else 0.0
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 8) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; damping grows x10 until it factorises."""
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1 and the d used; d starts at `damp`, x10 per failure."""
     mean_diag = float(torch.diag(H).mean())
     d = damp
-    for _ in range(tries):
+    for _ in range(DAMP_TRIES):
         Hd = H.clone()
         Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, d
-        d = 0.01 if d == 0 else d * 10
-    raise UserError(f"the Hessian is not positive definite even with damping {d / 10:g}; "
+        last, d = d, (0.01 if d == 0 else d * 10)
+    raise UserError(f"the Hessian is not positive definite even with damping {last:g}; "
                     "give more or more varied calibration text")
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec, mse: bool = False) -> QuantResult:
     """Round to nearest on the same grid: the baseline every GPTQ figure is compared with."""
-    W = weight.detach().float()
+    W = weight.detach().to(torch.float32)
     n_out, k = W.shape
     spec.check_k(k)
-    glen = spec.group_len(k)
-    scales = torch.zeros(spec.groups(k), n_out)
-    zeros = torch.zeros(spec.groups(k), n_out)
+    glen, n_groups = spec.group_len(k), spec.groups(k)
+    scales = torch.zeros(n_groups, n_out, device=W.device)
+    zeros = torch.zeros(n_groups, n_out, device=W.device)
     codes = torch.zeros_like(W)
-    for g in range(spec.groups(k)):
+    for g in range(n_groups):
         w = W[:, g * glen:(g + 1) * glen]
         s, z = find_params(w, spec, mse)
         scales[g], zeros[g] = s, z
         codes[:, g * glen:(g + 1) * glen] = quantize_codes(w, s[:, None], z[:, None], spec.maxq)
-    g_idx = make_g_idx(k, spec)
+    g_idx = make_g_idx(k, spec, W.device)
     deq = dequantize(codes, scales[g_idx.long()].t(), zeros[g_idx.long()].t())
     return QuantResult(codes.to(torch.uint8), scales, zeros.to(torch.int32), g_idx, deq)

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-TOLERANCE = 2e-2  # max |logit difference|: our fp32 dequantised forward vs gptqmodel's fp16-scale torch kernel
+# gptqmodel's CPU kernel (TorchAtenLinear) dequantises with bf16 scales, so its weights equal ours computed in bf16
+# exactly (checked tensor by tensor), and its logits differ from our fp32 forward by bf16 rounding: measured 0.151
+# max |diff| on logits of magnitude ~10 with top-1 agreement 1.0 on the bundled model.
+TOLERANCE = 0.3
+DTYPE_NAME = "float32"
 IDS = [1, 37, 512, 1024, 77, 3000, 18, 2048, 999, 5, 4000, 123, 321, 77, 88, 2]
 
 
@@ -47,15 +51,34 @@ def check(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", torch_dtype=torch.float16)
+    DTYPE = getattr(torch, DTYPE_NAME)
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", torch_dtype=DTYPE)
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from safetensors.torch import load_file
+
+    from minicpm_edge.quant.format import SUFFIXES, QuantizedLinear
+
+    tensors = load_file(str(out / "model.safetensors"))
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    worst, checked = 0.0, 0
     with torch.no_grad():
+        for name, module in model.named_modules():
+            if not hasattr(module, "qweight"):
+                continue
+            rec = QuantizedLinear.from_gptq({s: tensors[f"{name}.{s}"] for s in SUFFIXES}, q["bits"], q["group_size"], q["sym"])
+            g = rec.g_idx.long()
+            ours = (rec.scales.bfloat16()[g].t() * (rec.codes.bfloat16() - rec.zeros.bfloat16()[g].t())).float()
+            theirs = module(torch.eye(rec.shape[1])).t().float()
+            worst, checked = max(worst, float((ours - theirs).abs().max())), checked + 1
         got = model(torch.tensor([IDS])).logits[0].float().numpy()
     want = np.load(out / "expected_logits.npy")
     diff = float(np.abs(got - want).max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-    print(f"gptqmodel load: linear kinds {kinds}; max |logit diff| {diff:.5f} (tolerance {TOLERANCE}); top-1 agreement {top1:.3f}")
-    if diff > TOLERANCE or not any("Quant" in k for k in kinds):
+    print(f"gptqmodel load: linear kinds {kinds}; {checked} quantised Linears, max |weight diff| vs ours in bf16 "
+          f"{worst:g}; max |logit diff| vs our fp32 forward {diff:.4f} (tolerance {TOLERANCE}); top-1 agreement {top1:.3f}")
+    if checked == 0 or worst != 0.0 or diff > TOLERANCE or top1 < 0.9:
         sys.exit(1)
 
 

@@ -151,3 +151,18 @@ def test_cli_quantize_and_inspect(bundled, tmp_path):
     assert r.returncode == 0 and "GPTQ 4-bit, group 32, asymmetric" in r.stdout
     bad = run_cli("--out", tmp_path / "d", "--group-size", "48")
     assert bad.wait() == 2 and "Traceback" not in bad.stderr.read()
+
+
+def test_sharded_output_equals_single_file(bundled, quantized, tmp_path, monkeypatch):
+    from minicpm_edge.quant import driver
+
+    monkeypatch.setattr(driver, "SHARD_BYTES", 600_000)
+    out = quantize_checkpoint(bundled, tmp_path / "sharded", QuantOptions(**FAST))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (out / "model.safetensors").exists()
+    merged = {}
+    for f in files:
+        merged.update(load_file(str(out / f)))
+    single = load_file(str(quantized[0] / "model.safetensors"))
+    assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)

@@ -30,7 +30,7 @@ GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
-SHARD_BYTES = 2 * 2**30
+SHARD_BYTES = 2**30  # also bounds the memory used to assemble the checkpoint
 
 
 @dataclass
@@ -86,8 +86,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
 
     start = state["layers_done"]
     if start == 0:
-        emb = ckpt.embedding().to(dev)
-        h = torch.nn.functional.embedding(tokens.to(dev), emb) * cfg.embedding_scale
+        emb = ckpt.tensor("model.embed_tokens.weight", None)  # original dtype: never the whole table in fp32
+        h = emb[tokens].to(dev, torch.float32) * cfg.embedding_scale
         del emb
     else:
         h = load_file(str(work / "hidden.safetensors"))["h"].to(dev)
@@ -138,22 +138,25 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
             records[name] = QuantizedLinear.from_result(r, opts.spec)
             lin.weight.data = r.dequantized.to(w.dtype)
 
-    def collect(k: int, fn) -> tuple[GPTQ, list[torch.Tensor]]:
+    def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list[torch.Tensor]]:
+        """Hessian of the inputs fn(chunk) over all chunks; the inputs themselves only when `keep`."""
         H = GPTQ(k, h.device)
-        outs = []
+        kept = []
         with torch.no_grad():
             for c in chunks:
                 x = fn(c)
                 H.add_batch(x)
-                outs.append(x)
-        return H, outs
+                if keep:
+                    kept.append(x)
+        return H, kept
 
     hidden = layer.self_attn.q_proj.in_features
     # [q, k, v] share one input
     H, _ = collect(hidden, lambda c: layer.input_layernorm(h[c]))
     solve(GROUPS[0], H)
+    del H
     # o sees attention computed with quantised q, k, v
-    H, mixed = collect(attn.o_proj.in_features, lambda c: attn.mix(layer.input_layernorm(h[c]), cos, sin)[0])
+    H, mixed = collect(attn.o_proj.in_features, lambda c: attn.mix(layer.input_layernorm(h[c]), cos, sin)[0], keep=True)
     solve(GROUPS[1], H)
     with torch.no_grad():
         for c, m in zip(chunks, mixed):
@@ -162,12 +165,12 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     # [gate, up] share the post-attention norm's output
     H, _ = collect(hidden, lambda c: layer.post_attention_layernorm(h[c]))
     solve(GROUPS[2], H)
-    H, acts = collect(mlp.down_proj.in_features, lambda c: mlp.hidden(layer.post_attention_layernorm(h[c])))
+    # down's inputs (intermediate-sized, the largest activations) are recomputed rather than kept: memory over speed
+    H, _ = collect(mlp.down_proj.in_features, lambda c: mlp.hidden(layer.post_attention_layernorm(h[c])))
     solve(GROUPS[3], H)
     with torch.no_grad():
-        for c, a in zip(chunks, acts):
-            h[c] = h[c] + mlp.down_proj(a) * layer.residual_scale
-    del acts
+        for c in chunks:
+            h[c] = h[c] + mlp(layer.post_attention_layernorm(h[c])) * layer.residual_scale
     # the layer's relative output error on the probe samples: |out_q - out| / |out - in| (of what the layer adds)
     branch = (reference - probe_in).norm()
     rel = float((h[probe] - reference).norm() / branch) if branch > 0 else 0.0
@@ -219,28 +222,35 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
             "model.norm.weight": ckpt.tensor("model.norm.weight", None)}
     if not cfg.tie_word_embeddings:
         head["lm_head.weight"] = ckpt.tensor("lm_head.weight", None)
-    parts = [head] + [load_file(str(work / f"layer_{i:04d}.safetensors")) for i in range(cfg.num_hidden_layers)]
-    shards, cur, size = [], {}, 0
-    for part in parts:
+    # shards are written as they fill, so at most one shard's tensors are in memory
+    meta = {"format": "pt", "quantizer": "minicpm-edge"}
+    files, weight_map, cur, size, total = [], {}, {}, 0, 0
+
+    def flush():
+        name = f"shard-{len(files) + 1:05d}.safetensors"
+        save_file(cur, str(final / name), metadata=meta)
+        files.append(name)
+        weight_map.update({n: name for n in cur})
+        cur.clear()
+
+    for i in range(-1, cfg.num_hidden_layers):
+        part = head if i < 0 else load_file(str(work / f"layer_{i:04d}.safetensors"))
         nbytes = sum(t.numel() * t.element_size() for t in part.values())
         if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
+            flush()
+            size = 0
         cur.update(part)
         size += nbytes
-    shards.append(cur)
-    meta = {"format": "pt", "quantizer": "minicpm-edge"}
-    if len(shards) == 1:
-        save_file(shards[0], str(final / "model.safetensors"), metadata=meta)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(final / fname), metadata=meta)
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        (final / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        total += nbytes
+    del head, part
+    flush()
+    names = {f: "model.safetensors" if len(files) == 1 else f"model-{k:05d}-of-{len(files):05d}.safetensors"
+             for k, f in enumerate(files, 1)}
+    for f, name in names.items():
+        os.replace(final / f, final / name)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {n: names[f] for n, f in weight_map.items()}}
+        (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     qcfg = quantization_config(opts.spec, opts.damp, opts.method, opts.act_order, opts.static_groups)
     config = dict(cfg.raw)
     config["quantization_config"] = qcfg

@@ -45,7 +45,7 @@ GQ_VENV ?= .venv-gptqmodel
 $(GQ_VENV)/.installed:
 	test -x $(GQ_VENV)/bin/python || python3 -m venv $(GQ_VENV)
 	$(GQ_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(GQ_VENV)/bin/python -m pip install -q gptqmodel==7.6.0 optimum
+	$(GQ_VENV)/bin/python -m pip install -q gptqmodel==7.6.0 optimum sentencepiece
 	touch $@
 interop: install $(GQ_VENV)/.installed
 	$(PY) tests/interop/gptqmodel_interop.py export $(OUT)/interop-gptq

@@ -96,8 +96,9 @@ def write_synthetic(kind: str, out: Path, layers: int | None = None, seed: int =
     index = {"metadata": {"total_size": total}, "weight_map": {n: final[k] for n, k in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if BUNDLED_TOKENIZER.is_file():
-        shutil.copy(BUNDLED_TOKENIZER, out / "tokenizer.model")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (BUNDLED_TOKENIZER.parent / name).is_file():
+            shutil.copy(BUNDLED_TOKENIZER.parent / name, out / name)
     return out
 
 

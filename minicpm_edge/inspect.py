@@ -19,8 +19,11 @@ def summarize(path: str | Path) -> dict:
         for name in ckpt.names:
             shape = ckpt.shape(name)
             n = math.prod(shape)
-            params += n
             dtypes[ckpt.dtype(name)] += n
+            if name.endswith(".qweight"):  # packed int32: count the weights it holds
+                params += n * 32 // ckpt.quant["spec"].bits
+            elif not (ckpt.quant and name.endswith((".qzeros", ".scales", ".g_idx"))):
+                params += n
             key = _LAYER.sub("model.layers.*.", name)
             shapes.setdefault(key, [list(shape), 0])[1] += 1
         return {
@@ -29,7 +32,7 @@ def summarize(path: str | Path) -> dict:
             "variant": c.variant,
             "config": c.to_dict(),
             "muP": {"embedding_scale": c.embedding_scale, "residual_scale": c.residual_scale, "logit_scale": c.logit_scale},
-            "parameters": params,
+            "parameters": params,  # weights, whether stored plain or packed
             "dtypes": dict(dtypes),
             "tensors": {k: {"shape": s, "count": n} for k, (s, n) in shapes.items()},
             "tied": c.tie_word_embeddings,

@@ -149,6 +149,8 @@ def test_cli_quantize_and_inspect(bundled, tmp_path):
     assert "wrote" in p.stdout.read()
     r = subprocess.run([sys.executable, "-m", "minicpm_edge", "inspect", tmp_path / "c"], capture_output=True, text=True)
     assert r.returncode == 0 and "GPTQ 4-bit, group 32, asymmetric" in r.stdout
+    from minicpm_edge.inspect import summarize
+    assert summarize(tmp_path / "c")["parameters"] == summarize(bundled)["parameters"]  # packed weights counted as weights
     bad = run_cli("--out", tmp_path / "d", "--group-size", "48")
     assert bad.wait() == 2 and "Traceback" not in bad.stderr.read()
 

@@ -1,4 +1,3 @@
-import json
 import struct
 
 import psutil
@@ -74,8 +73,6 @@ def test_index_pointing_to_missing_shard(tmp_path):
 def test_one_layer_loads_without_the_whole_model(tmp_path):
     """A 1B-shaped checkpoint: reading layer 1 must not pull the embedding or other layers into memory."""
     path = write_synthetic("minicpm-1b", tmp_path / "m1b", layers=3)
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) >= 1
     proc = psutil.Process()
     ckpt = Checkpoint(path)
     before = proc.memory_info().rss

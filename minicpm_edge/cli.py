@@ -37,11 +37,6 @@ class Target(str, Enum):
     onnx = "onnx"
 
 
-def _not_yet(what: str, issue: int) -> None:
-    err.print(f"error: {what} is not built yet (tracked as issue {issue})", highlight=False)
-    raise typer.Exit(2)
-
-
 def _version(value: bool):
     if value:
         console.print(f"minicpm-edge {__version__}")
@@ -101,54 +96,218 @@ def quantize(
 
 @app.command("eval")
 def eval_(
-    ref: Optional[Path] = typer.Option(None, help="Reference (bf16) checkpoint; default: the bundled model."),
-    quant: Optional[Path] = typer.Option(None, help="GPTQ checkpoint, GGUF file or ONNX folder."),
-    data: Optional[str] = typer.Option(None, help="Evaluation text (default: bundled held-out text)."),
-    ctx: int = typer.Option(512, help="Context length."),
+    ref: Path = typer.Option(BUNDLED_MODEL, help="Reference (bf16) checkpoint; default: the bundled model."),
+    quant: Optional[Path] = typer.Option(None, help="GPTQ checkpoint, GGUF file or ONNX folder; default: the bundled "
+                                         "model's GPTQ w4 g32 (made on first use)."),
+    data: Optional[str] = typer.Option(None, help="Evaluation text file or folder (default: bundled held-out text)."),
+    ctx: int = typer.Option(512, help="Context length (tokens per chunk)."),
     method: str = typer.Option("llama", help="Perplexity convention: llama (llama-perplexity) or gptq (papers)."),
     runtime: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: from --quant)."),
-    max_drift: Optional[float] = typer.Option(None, help="Fail when relative PPL drift exceeds this."),
+    chunks: Optional[int] = typer.Option(None, help="Score at most this many chunks."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the runtimes."),
+    max_drift: Optional[float] = typer.Option(None, help="Exit 1 when relative PPL drift exceeds this (0.05 = 5%)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG plot."),
+    sweep: bool = typer.Option(False, help="Quantise and evaluate a grid of methods x bits x group sizes."),
+    grid: str = typer.Option("gptq,rtn:3,4:32,128", help="Sweep grid METHODS:BITS:GROUPS."),
+    sweep_dir: Path = typer.Option(Path("out/sweep"), help="Where the sweep keeps its checkpoints (reused)."),
+    nsamples: int = typer.Option(128, help="Calibration samples for the sweep's quantisations."),
+    sparsity: bool = typer.Option(False, help="Also report the fraction of zero FFN activations (ReLU/FATReLU models)."),
 ):
     """Perplexity, KL divergence and top-1 agreement of the int4 model against bf16."""
-    _not_yet("eval", 4)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import evaluation as ev
+
+    if sweep:
+        rows = []
+        with Progress(TextColumn("[bold]sweep[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err) as bar:
+            items = ev.parse_grid(grid)
+            task = bar.add_task("", total=len(items))
+            rows = ev.sweep(ref, sweep_dir, items, data, ctx, method, nsamples=nsamples, max_chunks=chunks,
+                            on_item=lambda r: bar.advance(task))
+        t = Table("method", "bits", "group", "PPL ref", "PPL quant", "drift", "KL mean", "KL p99", "top-1",
+                  title=f"{ref.name}: {method} convention, ctx {ctx}, {rows[0]['tokens_scored']} tokens")
+        for r in rows:
+            t.add_row(r["quant_method"], str(r["bits"]), str(r["group_size"]), f"{r['ref']['ppl']:.3f}",
+                      f"{r['quant']['ppl']:.3f}", f"{r['drift']:+.2%}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.4f}",
+                      f"{r['top1']:.3f}")
+        console.print(t)
+        if json_out:
+            json_out.write_text(json.dumps(rows, indent=1) + "\n")
+        if plot:
+            ev.plot_sweep(rows, plot)
+        return
+    if quant is None:
+        if ref.resolve() != BUNDLED_MODEL.resolve():
+            raise UserError("give --quant (the quantised artifact to compare with --ref)")
+        quant = Path("out") / f"{BUNDLED_MODEL.name}-gptq-w4g32"
+        if not (quant / "quant_report.json").is_file():
+            from .quant.driver import QuantOptions, quantize_checkpoint
+
+            err.print(f"quantising the bundled model into {quant} first")
+            quantize_checkpoint(BUNDLED_MODEL, quant, QuantOptions(), force=True)
+    with Progress(TextColumn("[bold]eval[/bold] chunks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("", total=None)
+        report = ev.evaluate(ref, quant, data, ctx, method, runtime, max_chunks=chunks, threads=threads,
+                             on_chunk=lambda k, n: bar.update(task, completed=k, total=n))
+    if sparsity:
+        from .model import Tokenizer
+
+        tokens = Tokenizer(ref / "tokenizer.model").encode(ev.eval_text(data))
+        report["sparsity"] = {"ref": ev.sparsity(ref, tokens, ctx, chunks), "quant": ev.sparsity(quant, tokens, ctx, chunks)}
+    t = Table("model", "runtime", "PPL", title=f"{report['method']} perplexity convention, ctx {report['ctx']}, "
+              f"{report['tokens_scored']:,} tokens scored in {report['chunks']} chunks ({report['data']})")
+    t.add_row(str(ref), report["ref"]["runtime"], f"{report['ref']['ppl']:.4f}")
+    t.add_row(str(quant), report["quant"]["runtime"], f"{report['quant']['ppl']:.4f}")
+    console.print(t)
+    console.print(f"drift {report['drift']:+.3%} (± {report['drift_se']:.3%}); KL divergence mean {report['kl_mean']:.5f}, "
+                  f"p99 {report['kl_p99']:.5f}; top-1 agreement {report['top1']:.4f}", highlight=False)
+    if "sparsity" in report:
+        s = report["sparsity"]
+        console.print("zero FFN activations per layer: ref " + ", ".join(f"{x:.3f}" for x in s["ref"]) +
+                      "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]), highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+    if plot:
+        ev.plot_report(report, plot)
+    if max_drift is not None:
+        failure = ev.gate(report, max_drift)
+        if failure:
+            err.print(f"drift gate failed: {failure}", highlight=False)
+            raise typer.Exit(1)
+        console.print(f"drift gate passed ({report['drift']:+.3%} <= {max_drift:.2%})", highlight=False)
 
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="GPTQ checkpoint directory."),
+    checkpoint: Path = typer.Argument(..., help="GPTQ checkpoint directory (or an unquantised one with --dtype)."),
     target: Target = typer.Option(..., help="android, harmony, ios or onnx."),
-    out: Optional[Path] = typer.Option(None, help="Output directory."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: out/<checkpoint>-<target>)."),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+    dtype: str = typer.Option("f16", help="ios, unquantised checkpoints: f16 or f32 weights."),
+    embedding: str = typer.Option("f16", help="ios: embedding type f16, f32 or q8_0."),
+    layout: str = typer.Option("q4f16_0", help="android/harmony: q4f16_0 (default) or q4f16_1."),
+    accuracy_level: int = typer.Option(4, help="onnx: MatMulNBits accuracy_level 0-4."),
+    model_id: Optional[str] = typer.Option(None, help="android/harmony: MLC model id (default: <name>-<layout>-MLC)."),
+    context_window: Optional[int] = typer.Option(None, help="android/harmony: context window (default: 2048)."),
+    prefill_chunk: Optional[int] = typer.Option(None, help="android/harmony: prefill chunk (default: 128)."),
 ):
     """Write the phone artifacts for one target, storing the GPTQ codes bit-exactly."""
-    issue = {"ios": 5, "android": 6, "harmony": 6, "onnx": 7}[target.value]
-    _not_yet(f"export --target {target.value}", issue)
+    out = out or Path("out") / f"{checkpoint.name}-{target.value}"
+    if target is Target.ios:
+        from .export.ios import export_ios
+
+        export_ios(checkpoint, out, force=force, dtype=dtype, embedding=embedding)
+    elif target is Target.onnx:
+        from .export.onnx import export_onnx
+
+        export_onnx(checkpoint, out, force=force, accuracy_level=accuracy_level)
+    else:
+        from .export.mlc import export_mlc
+
+        export_mlc(checkpoint, out, target=target.value, layout=layout, model_id=model_id,
+                   context_window=context_window, prefill_chunk=prefill_chunk, force=force)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    console.print(f"wrote {out}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB", highlight=False)
+    for p in files:
+        console.print(f"  {p.relative_to(out)} ({p.stat().st_size / 2**20:.2f} MiB)", highlight=False)
 
 
 @bench_app.command("run")
-def bench_run(artifact: Path = typer.Argument(...), db: Optional[Path] = typer.Option(None, help="Results store.")):
+def bench_run(
+    artifact: Path = typer.Argument(..., help="GGUF file, ONNX export folder or checkpoint directory."),
+    runtime: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: from the artifact)."),
+    n_prompt: int = typer.Option(512, help="Prompt tokens for the prefill test (pp)."),
+    n_gen: int = typer.Option(128, help="Generated tokens for the decode test (tg)."),
+    runs: int = typer.Option(3, help="Repetitions; the median is reported."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    db: Optional[Path] = typer.Option(None, help="Results store (default: the user data directory)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON (bench ingest reads it)."),
+):
     """Prefill and decode tokens/s through the artifact's own runtime."""
-    _not_yet("bench run", 8)
+    from .bench.run import measure, rows
+    from .bench.store import Store
+    from .runtimes import open_runner
+
+    runner = open_runner(artifact, runtime, threads=threads, n_ctx=max(2048, n_prompt + n_gen + 16))
+    with err.status(f"timing {artifact} through {runner.name} ({runs} runs)"):
+        summary = measure(runner, n_prompt=n_prompt, n_gen=n_gen, runs=runs, artifact=artifact)
+    with Store(db) as store:
+        new = store.add(rows(summary))
+        where = store.path
+    t = Table("test", "tokens/s (median)", "spread", "runs", title=f"{summary['artifact']['name']} on "
+              f"{summary['device']} ({summary['runtime']}, {summary['threads']} threads)")
+    for kind, test in (("prefill", f"pp{n_prompt}"), ("decode", f"tg{n_gen}")):
+        s = summary[kind]
+        t.add_row(test, f"{s['tokens_per_s']:.2f}", f"{s['min']:.2f}-{s['max']:.2f}", str(len(s["samples"])))
+    console.print(t)
+    bound = summary["decode_bound"]
+    console.print(f"artifact {summary['artifact']['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token'] / 2**20:.2f} MiB "
+                  f"read per token, memory bandwidth {summary['bandwidth_gbs']:.1f} GB/s (measured): decode bound "
+                  + (f"{bound:.1f} tok/s, measured {summary['decode']['tokens_per_s'] / bound:.0%} of it" if bound else
+                     "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB", highlight=False)
+    console.print(f"{new} new rows in {where}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 @bench_app.command("plan")
-def bench_plan(target: Target = typer.Option(...), out: Optional[Path] = typer.Option(None),
-               db: Optional[Path] = typer.Option(None, help="Results store.")):
-    """Write a device kit that benchmarks a phone."""
-    _not_yet("bench plan", 8)
+def bench_plan(
+    target: str = typer.Option(..., help="android or ios."),
+    artifact: Optional[Path] = typer.Option(None, help="The GGUF (or MLC export folder) to benchmark on the phone."),
+    out: Optional[Path] = typer.Option(None, help="Kit folder (default: out/bench-kit-<target>)."),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Write a device kit that benchmarks a phone and brings back files for `bench ingest`."""
+    from .bench.plan import write_plan
+
+    out = out or Path("out") / f"bench-kit-{target}"
+    write_plan(target, out, artifact, force=force)
+    console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())) + f" (read {out}/README.md)",
+                  highlight=False)
 
 
 @bench_app.command("ingest")
-def bench_ingest(files: list[Path] = typer.Argument(...), db: Optional[Path] = typer.Option(None, help="Results store.")):
-    """Read result files produced on phones into the store."""
-    _not_yet("bench ingest", 8)
+def bench_ingest(
+    files: list[Path] = typer.Argument(..., help="llama-bench json/jsonl/csv/md, MLC stats, LLMFarm or our JSON."),
+    device: Optional[str] = typer.Option(None, help="Device name, where the file does not say."),
+    artifact: Optional[str] = typer.Option(None, help="Artifact name, where the file does not say."),
+    db: Optional[Path] = typer.Option(None, help="Results store (default: the user data directory)."),
+):
+    """Read result files produced on phones into the store (every file is checked before any is stored)."""
+    from .bench.ingest import ingest_file
+    from .bench.store import Store
+
+    batches = [(f, ingest_file(f, device=device, artifact=artifact)) for f in files]
+    with Store(db) as store:
+        for f, rows in batches:
+            new = store.add(rows)
+            console.print(f"{f}: {len(rows)} rows, {new} new", highlight=False)
+        console.print(f"{len(store)} rows in {store.path}", highlight=False)
 
 
 @bench_app.command("report")
-def bench_report(db: Optional[Path] = typer.Option(None, help="Results store."), plot: Optional[Path] = typer.Option(None)):
-    """Table and plot of measured speeds against rooflines and published figures."""
-    _not_yet("bench report", 8)
+def bench_report(
+    db: Optional[Path] = typer.Option(None, help="Results store (default: the user data directory)."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG plot."),
+    bandwidths: Optional[Path] = typer.Option(None, help='JSON of extra device bandwidths: {"name": GB/s} or {"name": {"gbs": x, "aliases": [...]}}.'),
+    published: bool = typer.Option(True, help="Include the published MiniCPM-2B phone figures as reference rows."),
+):
+    """Table and plot of measured decode speeds against rooflines and the published phone figures."""
+    from .bench import report
+    from .bench.roofline import load_bandwidths
+    from .bench.store import Store
+
+    with Store(db) as store:
+        items = report.entries(store.rows(), load_bandwidths(bandwidths), with_published=published)
+    if not items:
+        raise UserError("no decode results to report; add some with `bench run` or `bench ingest`")
+    console.print(report.table(items))
+    if plot:
+        console.print(f"wrote {report.plot(items, plot)}", highlight=False)
 
 
 @app.command()
@@ -159,7 +318,15 @@ def inspect(
 ):
     """Architecture, config, parameter count, dtypes, shapes and tying of a checkpoint."""
     if verify:
-        _not_yet("inspect --verify", 9)
+        from .artifact import verify as verify_folder
+
+        v = verify_folder(path)
+        console.print(f"{path}: {v['kind']} artifact, {v['files']} files match manifest.json", highlight=False)
+        for line in v["checks"]:
+            console.print(f"  {line}", highlight=False)
+        if v["unlisted"]:
+            console.print(f"  not in the manifest (not checked): {', '.join(v['unlisted'])}", highlight=False)
+        return
     from .inspect import summarize
 
     s = summarize(path)

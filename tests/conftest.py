@@ -62,3 +62,36 @@ def tiny_ckpt(tmp_path):
 @pytest.fixture(scope="session")
 def bundled():
     return BUNDLED_MODEL
+
+
+def small_variant(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random small MiniCPM that uses the bundled tokenizer (vocab 4096), with config keys overridden.
+
+    E.g. small_variant(p, num_key_value_heads=8) for MHA, small_variant(p, hidden_act="fatrelu", hidden_act_param=0.03).
+    """
+    import shutil
+
+    cfg = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    cfg.update({"hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "torch_dtype": "float32"})
+    cfg.update(overrides)
+    write_checkpoint(path, cfg, random_state(cfg, seed=seed, lm_head=not cfg.get("tie_word_embeddings", True)))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(BUNDLED_MODEL / name, path / name)
+    return path
+
+
+def quantized(src: Path, out: Path, method: str = "gptq", bits: int = 4, group_size: int = 32, sym: bool = True,
+              nsamples: int = 16, seqlen: int = 128) -> Path:
+    """A GPTQ checkpoint of `src` made by our quantiser (small calibration, for tests)."""
+    from minicpm_edge.quant import QuantSpec
+    from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
+
+    opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method, nsamples=nsamples, seqlen=seqlen)
+    return quantize_checkpoint(src, out, opts)
+
+
+@pytest.fixture(scope="session")
+def bundled_gptq(bundled, tmp_path_factory):
+    """The bundled model quantised GPTQ w4 g32 symmetric (shared by the exporter and eval tests)."""
+    return quantized(bundled, tmp_path_factory.mktemp("bundled_gptq") / "gptq", nsamples=32, seqlen=256)

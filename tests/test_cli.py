@@ -40,10 +40,28 @@ def test_fixed_surface_is_declared():
     assert "--verify" in cli("inspect", "--help").stdout
 
 
-@pytest.mark.parametrize("args", [["eval"], ["export", ".", "--target", "ios"], ["bench", "report"]])
-def test_unbuilt_verbs_say_so(args):
-    r = cli(*args)
-    assert r.returncode != 0 and "not built yet" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("target, expect", [("ios", "Q4_0.gguf"), ("android", "tensor-cache.json"),
+                                            ("harmony", "tensor-cache.json"), ("onnx", "model.onnx")])
+def test_export_every_target_then_verify(bundled_gptq, tmp_path, target, expect):
+    out = tmp_path / target
+    r = cli("export", bundled_gptq, "--target", target, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert any(p.name.endswith(expect) for p in out.rglob("*")) and (out / "manifest.json").is_file()
+    v = cli("inspect", "--verify", out)
+    assert v.returncode == 0 and "match manifest.json" in v.stdout, v.stderr
+    again = cli("export", bundled_gptq, "--target", target, "--out", out)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_verify_catches_a_flipped_byte(bundled_gptq, tmp_path):
+    out = tmp_path / "ios"
+    assert cli("export", bundled_gptq, "--target", "ios", "--out", out).returncode == 0
+    f = next(out.glob("*.gguf"))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = cli("inspect", "--verify", out)
+    assert r.returncode == 2 and "does not match its manifest checksum" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_inspect_bundled_model(bundled):

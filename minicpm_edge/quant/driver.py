@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import calib
+from ..artifact import publish, write_manifest
 from ..errors import UserError
 from ..model import Checkpoint, Tokenizer, load_layer
 from ..model.forward import DecoderLayer, rope_tables
@@ -268,15 +269,6 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
                          "mean_layer_rel_error": sum(r["rel_error"] for r in layers) / len(layers)},
               "layers": layers}
     (final / "quant_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    old = None
-    if out.exists():
-        if not force:
-            raise UserError(f"{out} exists; add --force to replace it")
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(final, out)
+    write_manifest(final, "gptq")
+    publish(final, out, force)
     shutil.rmtree(work)
-    if old is not None:
-        shutil.rmtree(old)

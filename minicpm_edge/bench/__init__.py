@@ -1,0 +1,1 @@
+"""Benchmarks: tokens/s here (run), device kits (plan), phone results (ingest), the SQLite store and the report."""

@@ -1,0 +1,1 @@
+"""Exporters: one module per target. Each reads a GPTQ checkpoint and stores its codes bit-exactly."""

@@ -1,0 +1,216 @@
+"""GGUF for llama.cpp (arch `minicpm`), written with the `gguf` package, one tensor at a time.
+
+GPTQ codes go into Q4_0 (symmetric, group 32) or Q4_1 (asymmetric, group 32) blocks unchanged (FORMATS.md section 2):
+Q4_0 value = (q - 8) * d with d = s; Q4_1 value = d * q + m with d = s, m = -s * z. A block holds 32 weights along K:
+fp16 d [, fp16 m], then 16 bytes where byte j has element j in the low nibble and element j + 16 in the high nibble.
+q_proj / k_proj rows are permuted llama-style (llama.cpp applies rope to adjacent pairs); a row permutation moves
+whole rows of codes and the matching scale columns, so nothing is re-quantised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..model import Checkpoint
+from ..model.checkpoint import LINEARS
+from ..model.tokenizer import CHAT_TEMPLATE
+
+QT = gguf.GGMLQuantizationType
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down"}
+NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+FILE_TYPES = {QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+              QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.F32: gguf.LlamaFileType.ALL_F32,
+              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+EMBEDDINGS = {"f16": QT.F16, "f32": QT.F32, "q8_0": QT.Q8_0}
+
+
+def permute_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """Index of the source row for each destination row: rows (n_head, 2, d/2) -> (n_head, d/2, 2)."""
+    half = n_rows // n_head // 2
+    return torch.arange(n_rows).view(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def q4_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> np.ndarray:
+    """codes uint8 [N, K], scales fp16 [K/32, N], zeros (true zero points, Q4_1 only) [K/32, N] -> bytes [N, K/32*B]."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // 32, 32)
+    qs = (c[..., :16] | (c[..., 16:] << 4)).numpy()
+    d = scales.t().contiguous().numpy().astype(np.float16).reshape(n, k // 32, 1)
+    parts = [d.view(np.uint8)]
+    if zeros is not None:
+        m = (-scales.float() * zeros.float()).t().contiguous().numpy().astype(np.float16).reshape(n, k // 32, 1)
+        parts.append(m.view(np.uint8))
+    return np.concatenate(parts + [qs], axis=-1).reshape(n, -1)
+
+
+def q4_codes(blocks: np.ndarray, k: int, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Inverse of q4_blocks: (codes [N, K], d [N, K/32], m [N, K/32] or None) from raw block bytes."""
+    head = 2 if qtype == QT.Q4_0 else 4
+    b = np.asarray(blocks, dtype=np.uint8).reshape(-1, k // 32, head + 16)
+    d = b[..., :2].copy().view(np.float16)[..., 0]
+    m = b[..., 2:4].copy().view(np.float16)[..., 0] if head == 4 else None
+    qs = b[..., head:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(b.shape[0], k)
+    return codes, d, m
+
+
+def tokenizer_metadata(path: Path) -> dict:
+    """Tokens, scores and types from a SentencePiece model, and whether llama.cpp reproduces its normaliser."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:
+        raise UserError(f"{path}: not a SentencePiece model") from None
+    if proto.trainer_spec.model_type not in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM) or not proto.pieces:
+        raise UserError(f"{path}: only SentencePiece BPE/unigram tokenizers can be written to GGUF")
+    kinds = {pb.ModelProto.SentencePiece.NORMAL: 1, pb.ModelProto.SentencePiece.UNKNOWN: 2,
+             pb.ModelProto.SentencePiece.CONTROL: 3, pb.ModelProto.SentencePiece.USER_DEFINED: 4,
+             pb.ModelProto.SentencePiece.UNUSED: 5, pb.ModelProto.SentencePiece.BYTE: 6}
+    ns = proto.normalizer_spec
+    faithful = ns.name == "identity" and not ns.remove_extra_whitespaces and not ns.precompiled_charsmap
+    t = proto.trainer_spec
+    return {"tokens": [p.piece for p in proto.pieces], "scores": [p.score for p in proto.pieces],
+            "types": [kinds[p.type] for p in proto.pieces], "bos": t.bos_id, "eos": t.eos_id, "unk": t.unk_id,
+            "pad": t.pad_id, "normalizer": ns.name, "faithful": faithful}
+
+
+class Plan:
+    """What goes into the file: (gguf name, numpy shape, byte count, GGML type, producer) per tensor, in order."""
+
+    def __init__(self, ckpt: Checkpoint, linear_type, embedding_type):
+        self.items = []
+        c = ckpt.config
+        self.add("token_embd.weight", ckpt.shape("model.embed_tokens.weight"), embedding_type,
+                 lambda: ckpt.embedding())
+        for i in range(c.num_hidden_layers):
+            for src, dst in NORMS.items():
+                name = f"model.layers.{i}.{src}.weight"
+                self.add(f"blk.{i}.{dst}.weight", (c.hidden_size,), QT.F32, lambda name=name: ckpt.tensor(name))
+            for m in LINEARS:
+                prefix = f"model.layers.{i}.{m}"
+                heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}.get(m)
+                self.add(f"blk.{i}.{NAMES[m]}.weight", ckpt.linear_shape(prefix), linear_type,
+                         lambda prefix=prefix, heads=heads: linear(ckpt, prefix, heads, linear_type))
+        self.add("output_norm.weight", (c.hidden_size,), QT.F32, lambda: ckpt.final_norm())
+        if not c.tie_word_embeddings:
+            self.add("output.weight", ckpt.shape("lm_head.weight"), embedding_type, lambda: ckpt.lm_head())
+
+    def add(self, name, shape, qtype, produce):
+        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        if cols % block:
+            raise UserError(f"{name}: {cols} columns are not a multiple of {qtype.name}'s block of {block}")
+        self.items.append((name, tuple(shape), rows * cols // block * nbytes, qtype, produce))
+
+
+def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarray | torch.Tensor:
+    """One Linear as GGUF data: Q4 blocks from the GPTQ codes, or a float weight; rows permuted for q/k."""
+    if qtype in (QT.Q4_0, QT.Q4_1):
+        q = ckpt.quantized(prefix)
+        codes, scales, zeros = q.codes, q.scales, q.zeros
+        if heads:
+            perm = permute_rows(codes.shape[0], heads)
+            codes, scales, zeros = codes[perm], scales[:, perm], zeros[:, perm]
+        return q4_blocks(codes, scales, zeros if qtype == QT.Q4_1 else None)
+    w = ckpt.tensor(prefix + ".weight")
+    return w[permute_rows(w.shape[0], heads)] if heads else w
+
+
+def check_exportable(ckpt: Checkpoint) -> object:
+    """The GGML type for the checkpoint's Linears, or a UserError saying why llama.cpp cannot hold them exactly."""
+    c = ckpt.config
+    if c.hidden_act != "silu":
+        raise UserError(f"{ckpt.dir}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by llama.cpp's minicpm "
+                        "graph, which hard-codes SiLU; export --target onnx runs this model")
+    q = ckpt.quant
+    if q is None:
+        return None
+    spec = q["spec"]
+    how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32` (no --act-order)"
+    if spec.bits != 4 or spec.group_size != 32:
+        raise UserError(f"{ckpt.dir}: GPTQ {spec.bits}-bit group {spec.group_size} has no exact GGUF form "
+                        f"(Q4_0/Q4_1 need 4-bit groups of 32); {how}")
+    for m in LINEARS:
+        if not ckpt.quantized(f"model.layers.0.{m}").contiguous:
+            raise UserError(f"{ckpt.dir}: act-order groups are not contiguous along the input, which GGUF blocks "
+                            f"cannot express; {how}")
+    return QT.Q4_0 if spec.sym else QT.Q4_1
+
+
+def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str = "f16", name: str | None = None) -> dict:
+    """Write the checkpoint to `path`; returns a summary (type, tensor count, tokenizer notes)."""
+    c = ckpt.config
+    linear_type = check_exportable(ckpt)
+    if linear_type is None:
+        if dtype not in ("f16", "f32"):
+            raise UserError(f"--dtype {dtype}: an unquantised checkpoint is written as f16 or f32")
+        linear_type = QT.F16 if dtype == "f16" else QT.F32
+    if embedding not in EMBEDDINGS:
+        raise UserError(f"--embedding {embedding}: choose f16, f32 or q8_0")
+    if ckpt.tokenizer_path is None:
+        raise UserError(f"{ckpt.dir}: tokenizer.model not found; GGUF files carry their tokenizer")
+    tok = tokenizer_metadata(ckpt.tokenizer_path)
+    if len(tok["tokens"]) != c.vocab_size:
+        raise UserError(f"{ckpt.tokenizer_path}: {len(tok['tokens'])} pieces but vocab_size is {c.vocab_size}; "
+                        "llama.cpp needs one token per embedding row")
+    plan = Plan(ckpt, linear_type, EMBEDDINGS[embedding])
+
+    w = gguf.GGUFWriter(path, "minicpm")
+    w.add_name(name or ckpt.dir.name)
+    w.add_file_type(FILE_TYPES[linear_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    # all three, always: llama.cpp's defaults for missing scales are not MiniCPM's values
+    w.add_embedding_scale(c.embedding_scale)
+    w.add_residual_scale(c.residual_scale)
+    w.add_logit_scale(c.logit_scale)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tok["tokens"])
+    w.add_token_scores(tok["scores"])
+    w.add_token_types(tok["types"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_unk_token_id(tok["unk"])
+    if tok["pad"] >= 0:
+        w.add_pad_token_id(tok["pad"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for gname, shape, nbytes, qtype, _ in plan.items:
+        raw_shape = (shape[0], nbytes // shape[0]) if qtype not in (QT.F16, QT.F32) and len(shape) == 2 else shape
+        np_dtype = {QT.F16: np.float16, QT.F32: np.float32}.get(qtype, np.uint8)
+        w.add_tensor_info(gname, raw_shape, np.dtype(np_dtype), nbytes, raw_dtype=qtype)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for gname, shape, nbytes, qtype, produce in plan.items:
+        data = produce()
+        if isinstance(data, torch.Tensor):
+            data = data.float().numpy()
+            data = gguf.quants.quantize(data, qtype) if qtype == QT.Q8_0 else data.astype(
+                np.float16 if qtype == QT.F16 else np.float32)
+        if data.nbytes != nbytes:
+            raise AssertionError(f"{gname}: {data.nbytes} bytes produced, {nbytes} planned")
+        w.write_tensor_data(np.ascontiguousarray(data))
+    w.close()
+    return {"file": path.name, "type": linear_type.name, "embedding": EMBEDDINGS[embedding].name,
+            "tensors": len(plan.items), "tokenizer_normalizer": tok["normalizer"],
+            "tokenizer_faithful_in_llama_cpp": tok["faithful"]}

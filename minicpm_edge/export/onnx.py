@@ -1,0 +1,265 @@
+"""ONNX export for onnxruntime and onnxruntime-genai: every GPTQ Linear becomes one `com.microsoft.MatMulNBits`.
+
+MatMulNBits (FORMATS.md section 4): B uint8 [N, k_blocks, block_size*bits/8] packed along K (first code in the low
+bits), scales float [N, k_blocks], zero_points packed like B [N, ceil(k_blocks*bits/8)] and absent when every zero is
+2^(bits-1), the symmetric GPTQ zero. Contiguous GPTQ groups map onto blocks with the codes unchanged; a per-channel
+grid (group -1) becomes 128-wide blocks that repeat the row's scale and zero. The CPU kernel takes 2, 4 and 8 bits.
+
+The graph is model/forward.py in ONNX ops (opset 17, float32 activations): Gather x scale_emb, RMSNorm, rotary
+(rotate-half, angles from position_ids), causal attention with GQA and past/present key-values, SiLU/ReLU/FATReLU MLP,
+residual x residual_scale, final norm / logit_scale, head as Gemm(transB) on the embedding (stored once) or lm_head.
+Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
+read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper, save_model
+
+from ..artifact import staging
+from ..errors import UserError
+from ..model import Checkpoint
+from ..model.config import ModelConfig
+from ..quant.driver import TOKENIZER_FILES
+from ..quant.format import QuantizedLinear
+
+OPSET = 17
+NBITS = (2, 4, 8)  # what onnxruntime's MatMulNBits CPU kernel runs (4 everywhere; 2 and 8 in recent releases)
+PER_CHANNEL_BLOCK = 128
+DATA = "model.onnx.data"
+NEG = float(np.finfo(np.float32).min)
+
+
+def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_level: int = 4) -> Path:
+    """Write `out/`: model.onnx (+ model.onnx.data), genai_config.json, tokenizer files, export.json. Returns `out`.
+
+    accuracy_level is MatMulNBits' attribute: 0 computes in float32, 4 lets the kernel quantise activations to int8
+    per block (faster on phones, about 1e-2 relative error on a matmul).
+    """
+    if accuracy_level not in range(5):
+        raise UserError(f"--accuracy-level {accuracy_level}: choose 0 (fp32), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+    with Checkpoint(checkpoint) as ckpt:
+        cfg, quant = ckpt.config, ckpt.quant
+        if quant is None:
+            raise UserError(f"{checkpoint}: not a GPTQ checkpoint; quantise it first (minicpm-edge quantize --out DIR)")
+        spec = quant["spec"]
+        if spec.bits not in NBITS:
+            raise UserError(f"{checkpoint}: {spec.bits}-bit weights have no MatMulNBits kernel; quantise with "
+                            f"--bits 4 (ONNX takes {', '.join(map(str, NBITS))})")
+        if ckpt.tokenizer_path is None:
+            raise UserError(f"{checkpoint}: no tokenizer.model; copy the model's tokenizer files into the checkpoint")
+        with staging(Path(out), force, "onnx") as tmp:
+            with open(tmp / DATA, "wb") as data:
+                g = _Graph(data)
+                zero_points = _build(g, ckpt, cfg, accuracy_level)
+            model = helper.make_model(g.graph(cfg), producer_name="minicpm-edge", opset_imports=[
+                helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+            model.ir_version = 8  # readable by onnxruntime >= 1.11
+            save_model(model, str(tmp / "model.onnx"))
+            for name in TOKENIZER_FILES:
+                if (ckpt.dir / name).is_file():
+                    shutil.copy(ckpt.dir / name, tmp / name)
+            (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg), indent=1) + "\n")
+            info = {"format": "onnx", "source": str(Path(checkpoint).resolve()), "variant": cfg.variant,
+                    "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                                     "block_size": spec.group_size if spec.group_size != -1 else PER_CHANNEL_BLOCK,
+                                     "zero_points": zero_points, "accuracy_level": accuracy_level},
+                    "opset": OPSET, "activations": "float32", "weights": DATA}
+            (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+    return Path(out)
+
+
+def matmulnbits(q: QuantizedLinear, name: str = "linear") -> dict:
+    """The MatMulNBits tensors and attributes of a QuantizedLinear (codes [N, K], scales/zeros [groups, N])."""
+    if not q.contiguous:
+        raise UserError(f"{name}: act-order groups are not contiguous along K and MatMulNBits cannot permute inputs; "
+                        "re-quantise with --static-groups (or without --act-order)")
+    n, k = q.shape
+    block = q.group_size if q.group_size != -1 else PER_CHANNEL_BLOCK
+    if block < 16 or block & (block - 1):
+        raise UserError(f"{name}: group size {block} is not a power of two >= 16, which MatMulNBits needs")
+    kb = -(-k // block)
+    scales, zeros = q.scales.float().numpy().T, q.zeros.numpy().T  # [N, groups]
+    if q.group_size == -1:
+        scales, zeros = np.repeat(scales, kb, 1), np.repeat(zeros, kb, 1)
+    codes = np.zeros((n, kb * block), np.uint8)
+    codes[:, :k] = q.codes.numpy()
+    t = {"B": _pack(codes.reshape(n, kb, block), q.bits), "scales": np.ascontiguousarray(scales, np.float32),
+         "K": k, "N": n, "bits": q.bits, "block_size": block}
+    if (zeros != 1 << (q.bits - 1)).any():
+        per = 8 // q.bits
+        z = np.zeros((n, -(-kb // per) * per), np.uint8)
+        z[:, :kb] = zeros
+        t["zero_points"] = _pack(z, q.bits)
+    return t
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., L] -> [..., L*bits/8], consecutive codes from the lowest bits of each byte up."""
+    per = 8 // bits
+    v = values.reshape(*values.shape[:-1], -1, per)
+    return np.bitwise_or.reduce(v << (np.arange(per, dtype=np.uint8) * bits), axis=-1).astype(np.uint8)
+
+
+def genai_config(cfg: ModelConfig) -> dict:
+    """onnxruntime-genai's genai_config.json for this decoder (past and present are separate, growing tensors)."""
+    io = {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                     "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+          "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                      "present_value_names": "present.%d.value"}}
+    decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": "model.onnx",
+               "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+               "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
+               "num_key_value_heads": cfg.num_key_value_heads, **io}
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg.max_position_embeddings,
+              "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+              "top_k": 1, "top_p": 1.0, "length_penalty": 1.0, "early_stopping": True, "no_repeat_ngram_size": 0,
+              "diversity_penalty": 0.0}
+    return {"model": {"type": "llama", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                      "pad_token_id": cfg.eos_token_id, "context_length": cfg.max_position_embeddings,
+                      "vocab_size": cfg.vocab_size, "decoder": decoder}, "search": search}
+
+
+class _Graph:
+    """Nodes and initialisers; weights go straight to the external data file, the graph keeps only offsets."""
+
+    def __init__(self, data):
+        self.data, self.nodes, self.inits, self.consts = data, [], [], {}
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))  # ONNX raw data is little-endian
+        align = 65536 if array.nbytes > 1 << 20 else 64  # large tensors on mmap-friendly offsets
+        offset = -(-self.data.tell() // align) * align
+        self.data.write(b"\0" * (offset - self.data.tell()))
+        self.data.write(memoryview(array).cast("B"))
+        t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                        data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", DATA), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.inits.append(t)
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant held in the graph itself (shapes, axes, scalars), shared by value."""
+        array = np.asarray(value, dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.consts:
+            self.consts[key] = f"const_{len(self.consts)}"
+            self.inits.append(numpy_helper.from_array(array, self.consts[key]))
+        return self.consts[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, name: str | None = None,
+           domain: str | None = None, **attrs):
+        name = name or f"{op_type}_{len(self.nodes)}"
+        outs = outputs if isinstance(outputs, list) else [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def graph(self, cfg: ModelConfig):
+        kv, d, v = cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+        past = ["batch_size", kv, "past_sequence_length", d]
+        present = ["batch_size", kv, "total_sequence_length", d]
+        ins = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch_size", length]) for name, length in
+               (("input_ids", "sequence_length"), ("attention_mask", "total_sequence_length"),
+                ("position_ids", "sequence_length"))]
+        outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", v])]
+        for i in range(cfg.num_hidden_layers):
+            for kind in ("key", "value"):
+                ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, past))
+                outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+        return helper.make_graph(self.nodes, "minicpm", ins, outs, self.inits)
+
+
+def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -> bool:
+    """Add the whole decoder to g, reading one tensor at a time. Returns whether any MatMulNBits has zero points."""
+    d, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    zero_points = False
+
+    def linear(x, prefix):
+        nonlocal zero_points
+        t = matmulnbits(ckpt.quantized(prefix), prefix)
+        ins = [x, g.weight(prefix + ".qweight", t["B"]), g.weight(prefix + ".scales", t["scales"])]
+        if "zero_points" in t:
+            ins.append(g.weight(prefix + ".qzeros", t["zero_points"]))
+            zero_points = True
+        return g.op("MatMulNBits", *ins, name=prefix, domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
+                    block_size=t["block_size"], accuracy_level=accuracy_level)
+
+    def norm(x, name):
+        w = g.weight(name, ckpt.tensor(name).numpy())
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(cfg.rms_norm_eps, np.float32)))
+        return g.op("Mul", g.op("Div", x, rms), w)  # the pattern onnxruntime fuses into SimplifiedLayerNormalization
+
+    def scaled(x, factor, op="Mul"):
+        return x if factor == 1 else g.op(op, x, g.const(factor, np.float32))
+
+    def heads_first(x, n):  # [B, T, n*d] -> [B, n, T, d]
+        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, d])), perm=[0, 2, 1, 3])
+
+    def rope(x):  # HF rotate-half: x*cos + cat(-x2, x1)*sin
+        x1, x2 = g.op("Split", x, g.const([d // 2, d // 2]), axis=-1, outputs=2)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    embed = g.weight("model.embed_tokens.weight", ckpt.embedding().numpy())
+    h = scaled(g.op("Gather", embed, "input_ids", axis=0), cfg.embedding_scale)
+
+    # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2])),
+                 g.const(inv.astype(np.float32), np.float32))
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+    cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+
+    # additive mask [B, 1, 1, T, S]: key slot j is visible to query t when j <= past + t and attention_mask[j] is 1
+    seq = g.op("Shape", "input_ids", start=1, end=2)
+    total = g.op("Shape", "attention_mask", start=1, end=2)
+    scalar = lambda x: g.op("Squeeze", x, g.const([0]))  # noqa: E731
+    keys = g.op("Range", g.const(0), scalar(total), g.const(1))
+    queries = g.op("Range", scalar(g.op("Sub", total, seq)), scalar(total), g.const(1))
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1])))
+    padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
+    mask = g.op("Where", g.op("And", causal, padding), g.const(0.0, np.float32), g.const(NEG, np.float32))
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        x = norm(h, p + "input_layernorm.weight")
+        q = rope(heads_first(linear(x, p + "self_attn.q_proj"), heads))
+        k = rope(heads_first(linear(x, p + "self_attn.k_proj"), kv))
+        v = heads_first(linear(x, p + "self_attn.v_proj"), kv)
+        k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
+        v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
+        # GQA without copies: queries as [B, kv, heads/kv, T, d] against keys and values as [B, kv, 1, S, d]
+        q = g.op("Reshape", q, g.const([0, kv, heads // kv, -1, d]))
+        k_t = g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])
+        scores = g.op("Add", scaled(g.op("MatMul", q, k_t), 1 / math.sqrt(d)), mask)
+        att = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v, g.const([2])))
+        att = g.op("Transpose", g.op("Reshape", att, g.const([0, heads, -1, d])), perm=[0, 2, 1, 3])
+        att = linear(g.op("Reshape", att, g.const([0, 0, heads * d])), p + "self_attn.o_proj")
+        h = g.op("Add", h, scaled(att, cfg.residual_scale))
+
+        x = norm(h, p + "post_attention_layernorm.weight")
+        gate = linear(x, p + "mlp.gate_proj")
+        if cfg.hidden_act == "silu":
+            act = g.op("Mul", gate, g.op("Sigmoid", gate))
+        elif cfg.hidden_act == "relu":
+            act = g.op("Relu", gate)
+        else:  # FATReLU: x if x > threshold else 0
+            act = g.op("Where", g.op("Greater", gate, g.const(cfg.hidden_act_param, np.float32)), gate,
+                       g.const(0.0, np.float32))
+        mlp = linear(g.op("Mul", act, linear(x, p + "mlp.up_proj")), p + "mlp.down_proj")
+        h = g.op("Add", h, scaled(mlp, cfg.residual_scale))
+
+    h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
+    head = embed if cfg.tie_word_embeddings else g.weight("lm_head.weight", ckpt.lm_head().numpy())
+    logits = g.op("Gemm", g.op("Reshape", h, g.const([-1, cfg.hidden_size])), head, transB=1)
+    shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([cfg.vocab_size]), axis=0)
+    g.op("Reshape", logits, shape, outputs=["logits"])
+    return zero_points

@@ -1,0 +1,56 @@
+"""Runtimes that execute an artifact: our torch forward, llama.cpp (GGUF), onnxruntime (ONNX).
+
+Every runner has the same small interface, used by `eval` and `bench`:
+- `logits(ids) -> np.ndarray [T, vocab] float32`: a fresh pass over `ids` from position 0 (no state kept);
+- `generate(ids, n_new) -> list[int]`: greedy decoding of n_new tokens after `ids`, with the runtime's KV cache;
+- `name`, `threads`, `vocab_size`.
+`open_runner(path, runtime=None)` picks the runtime from the artifact: a GGUF file, an ONNX folder or a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+RUNTIMES = ("torch", "llama.cpp", "onnxruntime")
+
+
+def detect(path: Path) -> str:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "llama.cpp"
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return "onnxruntime"
+        if (path / "config.json").is_file():
+            return "torch"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "llama.cpp"
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    raise UserError(f"{path}: not a checkpoint directory, GGUF file or ONNX export folder")
+
+
+def open_runner(path: Path, runtime: str | None = None, threads: int | None = None, n_ctx: int = 2048):
+    path = Path(path)
+    runtime = runtime or detect(path)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        from .torch import TorchRunner
+
+        return TorchRunner(path, threads=threads)
+    if runtime == "llama.cpp":
+        from .llamacpp import LlamaCppRunner
+
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise UserError(f"{path}: expected exactly one .gguf file, found {len(ggufs)}")
+            path = ggufs[0]
+        return LlamaCppRunner(path, threads=threads, n_ctx=n_ctx)
+    from .onnxrt import OnnxRunner
+
+    return OnnxRunner(path, threads=threads)

@@ -1,0 +1,71 @@
+"""onnxruntime on an ONNX export folder (model.onnx with onnxruntime-genai's decoder inputs and outputs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class OnnxRunner:
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(folder) / "model.onnx"
+        if not path.is_file():
+            raise UserError(f"{folder}: no model.onnx; export one with `minicpm-edge export --target onnx`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid models
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        self.threads = threads or os.cpu_count() or 1
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_kind)
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.outputs = ["logits", *(n.replace("past_key_values.", "present.", 1) for n in self.past)]
+        if not {"input_ids", "attention_mask", "position_ids"} <= inputs.keys() or not self.past \
+                or not set(self.outputs) <= outputs.keys():
+            raise UserError(f"{path}: not a decoder with input_ids, attention_mask, position_ids, past_key_values.* "
+                            "and logits; re-export it with `minicpm-edge export --target onnx`")
+        self.kv_shape = [d if isinstance(d, int) else 0 for d in inputs[self.past[0]].shape]  # [batch, kv, 0, head_dim]
+        self.vocab_size = outputs["logits"].shape[-1]
+
+    def _run(self, ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits [T, vocab] of `ids` following the cached key/values `past` (None: an empty cache)."""
+        if not len(ids):
+            raise UserError("no tokens to run")
+        if past is None:
+            past = [np.zeros([1, *self.kv_shape[1:]], np.float32)] * len(self.past)
+        start, n = past[0].shape[2], len(ids)
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, start + n), np.int64),
+                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **dict(zip(self.past, past))}
+        logits, *present = self.session.run(self.outputs, feeds)
+        return logits[0], present
+
+    def logits(self, ids) -> np.ndarray:
+        return self._run(list(ids), None)[0]
+
+    def generate(self, ids, n_new: int) -> list[int]:
+        """Greedy decoding: one pass over the prompt, then one token at a time on the key/value cache."""
+        logits, past = self._run(list(ids), None)
+        out = []
+        for i in range(n_new):
+            out.append(int(logits[-1].argmax()))
+            if i + 1 < n_new:
+                logits, past = self._run(out[-1:], past)
+        return out
+
+
+def _layer_kind(name: str) -> tuple[int, str]:
+    """past_key_values.10.key -> (10, "key"): layers in numeric order."""
+    _, i, kind = (name.split(".") + ["", ""])[:3]
+    return int(i) if i.isdigit() else -1, kind

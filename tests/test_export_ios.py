@@ -1,0 +1,237 @@
+"""iOS target: GGUF with the GPTQ codes in Q4_0/Q4_1 blocks, read back by gguf-py and run by llama.cpp."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import quantized, small_variant
+from minicpm_edge.errors import UserError
+from minicpm_edge.export import gguf as G
+from minicpm_edge.export.ios import export_ios
+from minicpm_edge.model import Checkpoint, Tokenizer
+from minicpm_edge.model.checkpoint import LINEARS
+from minicpm_edge.runtimes import open_runner
+
+TEXT = ("The committee met on Tuesday to review the budget for the new library.\n\n"
+        "会议于周二召开，审议新图书馆的预算。大家一致同意增加儿童阅览区的经费。\n"
+        "def area(r):\n    return 3.14159 * r * r\n")
+PROBES = ["Hello, world! 你好，世界！", "    indented  code\n\tx = [1, 2, 3]  # list", "emoji 🚀🎉 and ümlauts",
+          "数学：12 + 35 = 47。", "  leading spaces and trailing  "]
+
+
+@pytest.fixture(scope="module")
+def ios(bundled_gptq, tmp_path_factory):
+    return export_ios(bundled_gptq, tmp_path_factory.mktemp("ios") / "ios")
+
+
+def gguf_file(folder):
+    (f,) = folder.glob("*.gguf")
+    return f
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    return f.contents()
+
+
+def test_folder_has_gguf_template_and_guide(ios, bundled_gptq):
+    names = {p.name for p in ios.iterdir()}
+    assert names == {"gptq-Q4_0.gguf", "MiniCPM.json", "README.md", "export.json", "manifest.json"}
+    t = json.loads((ios / "MiniCPM.json").read_text())
+    assert t["prompt_format"] == "<用户>{{prompt}}<AI>" and t["model_inference"] == "llama"
+    assert "</s>" in t["reverse_prompt"].split(",") and t["add_bos_token"] is True and t["add_eos_token"] is False
+    for key, kind in (("context", int), ("n_batch", int), ("temp", float), ("top_k", int), ("top_p", float),
+                      ("repeat_last_n", int), ("repeat_penalty", float), ("use_metal", bool), ("mmap", bool),
+                      ("parse_special_tokens", bool)):
+        assert isinstance(t[key], kind), key
+    assert "LLMFarm" in (ios / "README.md").read_text()
+
+
+def test_metadata_keys(ios, bundled_gptq):
+    c = Checkpoint(bundled_gptq).config
+    r = gguf.GGUFReader(gguf_file(ios))
+    assert field(r, "general.architecture") == "minicpm"
+    assert field(r, "general.file_type") == 2 and field(r, "general.quantization_version") == 2
+    expect = {"minicpm.block_count": c.num_hidden_layers, "minicpm.context_length": c.max_position_embeddings,
+              "minicpm.embedding_length": c.hidden_size, "minicpm.feed_forward_length": c.intermediate_size,
+              "minicpm.attention.head_count": c.num_attention_heads,
+              "minicpm.attention.head_count_kv": c.num_key_value_heads}
+    for k, v in expect.items():
+        assert field(r, k) == v, k
+    assert field(r, "minicpm.embedding_scale") == pytest.approx(12)
+    assert field(r, "minicpm.residual_scale") == pytest.approx(1.4 / 2, rel=1e-6)
+    assert field(r, "minicpm.logit_scale") == pytest.approx(c.hidden_size / 64)
+    assert field(r, "tokenizer.ggml.model") == "llama" and field(r, "tokenizer.ggml.add_bos_token") is True
+    assert field(r, "tokenizer.ggml.bos_token_id") == 1 and field(r, "tokenizer.ggml.eos_token_id") == 2
+    tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert len(tokens) == c.vocab_size and tokens[3] == "<用户>" and types[3] == 4 and types[1] == 3
+    assert "<用户>" in field(r, "tokenizer.chat_template")
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    assert "output.weight" not in kinds  # tied
+    assert kinds["token_embd.weight"] == G.QT.F16 and kinds["output_norm.weight"] == G.QT.F32
+    assert kinds["blk.0.attn_norm.weight"] == G.QT.F32 and kinds["blk.3.ffn_down.weight"] == G.QT.Q4_0
+    assert len(kinds) == 2 + c.num_hidden_layers * 9
+
+
+def test_codes_and_scales_are_the_gptq_ones(ios, bundled_gptq):
+    ckpt = Checkpoint(bundled_gptq)
+    c = ckpt.config
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file(ios)).tensors}
+    for i in range(c.num_hidden_layers):
+        for m in LINEARS:
+            q = ckpt.quantized(f"model.layers.{i}.{m}")
+            t = tensors[f"blk.{i}.{G.NAMES[m]}.weight"]
+            assert tuple(int(x) for x in t.shape) == (q.shape[1], q.shape[0])  # innermost first
+            codes, d, mm = G.q4_codes(t.data, q.shape[1], G.QT.Q4_0)
+            heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}.get(m)
+            perm = G.permute_rows(q.shape[0], heads) if heads else torch.arange(q.shape[0])
+            assert mm is None
+            assert np.array_equal(codes, q.codes[perm].numpy())
+            assert np.array_equal(d.view(np.uint16), q.scales[:, perm].t().contiguous().numpy().view(np.uint16))
+
+
+def test_permutation_matches_llama_pairing():
+    # head of 8 rows: rotate-half pairs (0,4),(1,5).. become adjacent pairs (0,1),(2,3)..
+    assert G.permute_rows(8, 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert G.permute_rows(16, 2).tolist()[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+
+
+@pytest.fixture(scope="module")
+def runners(ios, bundled_gptq):
+    return open_runner(bundled_gptq), open_runner(ios)
+
+
+def test_llama_cpp_logits_and_greedy_match_torch(runners, bundled_gptq):
+    torch_run, cpp = runners
+    assert cpp.name == "llama.cpp"
+    ids = Tokenizer(bundled_gptq / "tokenizer.model").encode(TEXT)
+    a, b = torch_run.logits(ids), cpp.logits(ids)
+    # llama.cpp multiplies Q4_0 weights with Q8_0-rounded activations and keeps the embedding in F16
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+    # greedy decoding with llama.cpp's KV cache: every token it picks is torch's choice, or a near-tie in torch's logits
+    gen = cpp.generate(ids, 32)
+    full = torch_run.logits(ids + gen)
+    margins = [full[len(ids) + k - 1].max() - full[len(ids) + k - 1][t] for k, t in enumerate(gen)]
+    assert max(margins) < 0.25 and sum(m == 0 for m in margins) >= 28, margins
+
+
+def test_llama_cpp_tokenises_like_sentencepiece(runners, bundled_gptq):
+    tok = Tokenizer(bundled_gptq / "tokenizer.model")
+    _, cpp = runners
+    for text in PROBES + [TEXT]:
+        assert cpp.tokenize(text) == tok.encode(text), text
+
+
+def test_llama_cpp_space_prefix_after_special_tokens(runners, bundled_gptq):
+    """Pins a known difference: llama.cpp starts every text fragment after a user-defined token (<用户>, <AI>) with
+    a dummy-prefix space, which SentencePiece does not. The special tokens themselves are found alike."""
+    tok = Tokenizer(bundled_gptq / "tokenizer.model")
+    _, cpp = runners
+    text = "<用户>写一首诗<AI>好的"
+    a, b = cpp.tokenize(text), tok.encode(text)
+    assert [i for i in a if i in (3, 4)] == [i for i in b if i in (3, 4)] == [3, 4]
+    space = tok.sp.PieceToId("▁")
+    assert a != b and [i for i in a if i != space] == [i for i in b if i != space]
+
+
+def test_missing_logit_scale_breaks_llama_cpp(bundled_gptq, tmp_path, runners, monkeypatch):
+    """Pins FORMATS.md: llama.cpp needs all three scale keys; without logit_scale its output is wrong."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_logit_scale", lambda self, v: None)
+    path = tmp_path / "no-logit-scale.gguf"
+    G.write_gguf(Checkpoint(bundled_gptq), path)
+    assert "minicpm.logit_scale" not in gguf.GGUFReader(path).fields
+    ids = Tokenizer(bundled_gptq / "tokenizer.model").encode(TEXT)
+    good, bad = runners[0].logits(ids), open_runner(path).logits(ids)
+    assert np.abs(good - bad).max() > 0.5 * np.abs(good).max()
+
+
+def test_asymmetric_goes_to_q4_1_exactly(tmp_path):
+    src = small_variant(tmp_path / "mha")
+    q = quantized(src, tmp_path / "asym", method="rtn", sym=False)
+    out = export_ios(q, tmp_path / "ios")
+    f = gguf_file(out)
+    assert f.name == "asym-Q4_1.gguf"
+    r = gguf.GGUFReader(f)
+    assert field(r, "general.file_type") == 3
+    t = {x.name: x for x in r.tensors}["blk.1.ffn_up.weight"]
+    ql = Checkpoint(q).quantized("model.layers.1.mlp.up_proj")
+    codes, d, m = G.q4_codes(t.data, ql.shape[1], G.QT.Q4_1)
+    assert np.array_equal(codes, ql.codes.numpy())
+    assert np.array_equal(d, ql.scales.t().numpy())
+    assert np.array_equal(m, (-ql.scales.float() * ql.zeros.float()).t().numpy().astype(np.float16))
+    ids = Tokenizer(q / "tokenizer.model").encode(TEXT)
+    a, b = open_runner(q).logits(ids), open_runner(out).logits(ids)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_f16_export_of_unquantised_checkpoint_with_untied_head(tmp_path):
+    src = small_variant(tmp_path / "untied", tie_word_embeddings=False)
+    out = export_ios(src, tmp_path / "f16", embedding="f32")
+    f = gguf_file(out)
+    assert f.name == "untied-F16.gguf"
+    r = gguf.GGUFReader(f)
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    assert kinds["output.weight"] == G.QT.F32 and kinds["blk.0.attn_q.weight"] == G.QT.F16
+    assert field(r, "general.file_type") == 1
+    ids = Tokenizer(src / "tokenizer.model").encode(TEXT)
+    a, b = open_runner(src).logits(ids), open_runner(out).logits(ids)
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+
+
+def test_q8_0_embedding(bundled_gptq, tmp_path):
+    out = export_ios(bundled_gptq, tmp_path / "q8", embedding="q8_0")
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_file(out)).tensors}
+    assert kinds["token_embd.weight"] == G.QT.Q8_0
+    ids = Tokenizer(bundled_gptq / "tokenizer.model").encode(TEXT)
+    a, b = open_runner(bundled_gptq).logits(ids), open_runner(out).logits(ids)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("case, message", [
+    ("g64", "group 64 has no exact GGUF form"),
+    ("fatrelu", "hard-codes SiLU"),
+    ("bits3", "GPTQ 3-bit group 32 has no exact GGUF form"),
+])
+def test_refusals_leave_nothing(tmp_path, case, message):
+    if case == "fatrelu":
+        q = quantized(small_variant(tmp_path / "s", hidden_act="fatrelu", hidden_act_param=0.03), tmp_path / "q",
+                      method="rtn")
+    else:
+        bits, group = (4, 64) if case == "g64" else (3, 32)
+        q = quantized(small_variant(tmp_path / "m"), tmp_path / "q", method="rtn", bits=bits, group_size=group)
+    with pytest.raises(UserError, match=message):
+        export_ios(q, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["q", "s" if case == "fatrelu" else "m"])
+
+
+def act_order_checkpoint(src_q, out):
+    """A copy of a GPTQ checkpoint whose layer-0 q_proj has AutoGPTQ-style act-order g_idx (groups not contiguous)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src_q, out)
+    t = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.g_idx"
+    k = t[name].numel()
+    t[name] = (torch.randperm(k, generator=torch.Generator().manual_seed(0)) // 32).to(torch.int32)
+    save_file(t, str(out / "model.safetensors"))
+    return out
+
+
+def test_act_order_refused(bundled_gptq, tmp_path):
+    q = act_order_checkpoint(bundled_gptq, tmp_path / "actorder")
+    with pytest.raises(UserError, match="act-order groups are not contiguous"):
+        export_ios(q, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_existing_output_needs_force(ios, bundled_gptq):
+    before = (ios / "manifest.json").read_text()
+    with pytest.raises(UserError, match="exists; add --force"):
+        export_ios(bundled_gptq, ios)
+    assert (ios / "manifest.json").read_text() == before

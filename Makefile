@@ -21,12 +21,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the bundled model: everything the pipeline can do so far.
+# The main job on the bundled model: quantise once, prove quality held, export every target, measure speed.
+Q   := $(OUT)/minicpm-tiny-gptq-w4g32
+DB  := $(OUT)/bench.sqlite
 run: install
 	$(VENV)/bin/minicpm-edge inspect
-	$(VENV)/bin/minicpm-edge quantize --bits 4 --group-size 32 --out $(OUT)/minicpm-tiny-gptq-w4g32 --force
-	$(VENV)/bin/minicpm-edge inspect $(OUT)/minicpm-tiny-gptq-w4g32
-	@echo "artifacts: $(OUT)/minicpm-tiny-gptq-w4g32 (GPTQ v1 checkpoint; eval and exports arrive with issues 4-7)"
+	$(VENV)/bin/minicpm-edge quantize --bits 4 --group-size 32 --out $(Q) --force
+	$(VENV)/bin/minicpm-edge inspect $(Q)
+	$(VENV)/bin/minicpm-edge eval --quant $(Q) --max-drift 0.01 --json $(OUT)/eval.json --plot $(OUT)/eval.png
+	for t in ios android harmony onnx; do $(VENV)/bin/minicpm-edge export $(Q) --target $$t --out $(Q)-$$t --force || exit 1; done
+	$(VENV)/bin/minicpm-edge eval --quant $(Q)-ios --max-drift 0.01
+	$(VENV)/bin/minicpm-edge eval --quant $(Q)-onnx --max-drift 0.01
+	$(VENV)/bin/minicpm-edge inspect --verify $(Q)-android
+	$(VENV)/bin/minicpm-edge bench run $(Q)-ios --db $(DB) --json $(OUT)/bench-ios.json
+	$(VENV)/bin/minicpm-edge bench run $(Q)-onnx --db $(DB)
+	$(VENV)/bin/minicpm-edge bench plan --target android --artifact $(Q)-ios --out $(OUT)/bench-kit-android --force
+	$(VENV)/bin/minicpm-edge bench plan --target ios --artifact $(Q)-ios --out $(OUT)/bench-kit-ios --force
+	$(VENV)/bin/minicpm-edge bench report --db $(DB) --plot $(OUT)/bench.png
+	@echo "artifacts in $(OUT)/: GPTQ checkpoint $(Q), exports $(Q)-{ios,android,harmony,onnx}, eval.json/png, bench.png, device kits"
 
 test: install
 	$(PY) -m pytest -q

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from minicpm_edge.artifact import verify
 from minicpm_edge.errors import UserError
 from minicpm_edge.export.onnx import export_onnx
-from minicpm_edge.model import Checkpoint
+from minicpm_edge.model import Checkpoint, Tokenizer
 from minicpm_edge.model.checkpoint import LINEARS
 from minicpm_edge.runtimes import detect, open_runner
 from minicpm_edge.runtimes.onnxrt import OnnxRunner
@@ -87,7 +87,7 @@ def test_files_checker_and_genai_config(exported):
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     assert verify(out)["unlisted"] == [] and detect(out) == "onnxruntime"
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.model", "tokenizer_config.json",
-                 "export.json"):
+                 "tokenizer.json", "export.json"):
         assert (out / name).is_file(), name
     assert (out / "model.onnx").stat().st_size < 200_000 < (out / "model.onnx.data").stat().st_size  # weights outside
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -206,6 +206,42 @@ def test_generate_equals_torch(exported, gptq):
     runner = open_runner(exported("gqa"), threads=1)
     assert runner.name == "onnxruntime" and runner.vocab_size == 4096 and runner.threads == 1
     assert runner.generate(ids, 24) == want
+
+
+PROBES = ["Hello, world! 你好，世界！", "    indented  code\n\tx = [1, 2, 3]  # list", "emoji 🚀🎉 and ümlauts",
+          "数学：12 + 35 = 47。", "  leading spaces and trailing  "]
+
+
+def test_tokenizer_json_encodes_like_sentencepiece(bundled):
+    from minicpm_edge import calib
+    from minicpm_edge.model.tokenizer import hf_tokenizer
+
+    sp, hf = Tokenizer(bundled / "tokenizer.model"), hf_tokenizer(bundled / "tokenizer.model")
+    texts = PROBES + calib.heldout_documents()
+    assert [hf.encode(t).ids for t in texts] == [sp.encode(t) for t in texts]
+    assert hf.decode(sp.encode(PROBES[0]), skip_special_tokens=True) == PROBES[0]
+    assert hf.encode("<用户>你好<AI>").ids[:2] == [1, 3] and 4 in hf.encode("<用户>你好<AI>").ids
+
+
+def test_onnxruntime_genai_drives_the_export(exported, gptq):
+    """onnxruntime-genai (the runtime of its Android/iOS bindings) loads the folder as it is written."""
+    import onnxruntime_genai as og
+    out = exported("gqa")
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(IDS[:7]) + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(IDS[:7], dtype=np.int32))
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got == TorchRunner(gptq("gqa"), threads=1).generate(IDS[:7], 16)
+    tok, ref = og.Tokenizer(model), Tokenizer(Checkpoint(gptq("gqa")).tokenizer_path)
+    for text in PROBES:  # genai's tokenizer leaves BOS to the chat template ({{ bos_token }} first)
+        assert [int(i) for i in tok.encode(text)] == ref.encode(text, bos=False), text
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"].startswith("{{ bos_token }}") and "<用户>" in cfg["chat_template"]
 
 
 def _nothing_left(parent, name):

@@ -26,6 +26,7 @@ from ..artifact import staging
 from ..errors import UserError
 from ..model import Checkpoint
 from ..model.config import ModelConfig
+from ..model.tokenizer import CHAT_TEMPLATE, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
 from ..quant.format import QuantizedLinear
 
@@ -65,6 +66,7 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
             for name in TOKENIZER_FILES:
                 if (ckpt.dir / name).is_file():
                     shutil.copy(ckpt.dir / name, tmp / name)
+            _genai_tokenizer(tmp, ckpt.tokenizer_path)
             (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg), indent=1) + "\n")
             info = {"format": "onnx", "source": str(Path(checkpoint).resolve()), "variant": cfg.variant,
                     "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
@@ -105,6 +107,24 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // bits
     v = values.reshape(*values.shape[:-1], -1, per)
     return np.bitwise_or.reduce(v << (np.arange(per, dtype=np.uint8) * bits), axis=-1).astype(np.uint8)
+
+
+def _genai_tokenizer(folder: Path, sp_model: Path) -> None:
+    """What onnxruntime-genai's tokenizer reads: tokenizer.json (made from the SentencePiece model when the checkpoint
+    has none) and a tokenizer_config.json whose chat_template is a string (genai refuses null)."""
+    if not (folder / "tokenizer.json").is_file():
+        hf_tokenizer(sp_model).save(str(folder / "tokenizer.json"))
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{sp_model.parent / path.name}: not valid JSON ({e})") from None
+    config.setdefault("tokenizer_class", "LlamaTokenizer")
+    config.update({k: config.get(k) or v for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))})
+    config.setdefault("add_bos_token", True)
+    if not isinstance(config.get("chat_template"), str):
+        config["chat_template"] = "{{ bos_token }}" + CHAT_TEMPLATE
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def genai_config(cfg: ModelConfig) -> dict:

@@ -578,3 +578,32 @@ def test_plan_refuses_bad_requests(tmp_path):
     assert (tmp_path / "k" / "bench_android.sh").is_file()
     with pytest.raises(UserError, match="no such file"):
         plan.write_plan("android", tmp_path / "k2", artifact=tmp_path / "missing.gguf")
+
+
+def test_cli_run_ingest_report_on_gguf_and_onnx(bundled_gptq, tmp_path):
+    """The verbs end to end on this machine: bench run through llama.cpp and onnxruntime writes rows, its JSON
+    ingests as duplicates, and bench report draws the plot."""
+    import sys
+
+    from minicpm_edge.export.ios import export_ios
+    from minicpm_edge.export.onnx import export_onnx
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "minicpm_edge", "bench", *map(str, args)], capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    db = tmp_path / "b.sqlite"
+    for art in (export_ios(bundled_gptq, tmp_path / "ios"), export_onnx(bundled_gptq, tmp_path / "onnx")):
+        out = cli("run", art, "--n-prompt", 64, "--n-gen", 16, "--runs", 2, "--threads", 1, "--db", db,
+                  "--json", tmp_path / f"{art.name}.json")
+        assert "2 new rows" in out and "decode bound" in out
+    with Store(db) as st:
+        rows = st.rows()
+    assert sorted((r.runtime, r.test) for r in rows) == [("llama.cpp", "pp64"), ("llama.cpp", "tg16"),
+                                                          ("onnxruntime", "pp64"), ("onnxruntime", "tg16")]
+    assert all(r.tokens_per_s > 0 and r.bytes_per_token > 0 and len(r.artifact_sha256) == 64 for r in rows)
+    assert "0 new" in cli("ingest", tmp_path / "ios.json", "--db", db)
+    cli("report", "--db", db, "--plot", tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

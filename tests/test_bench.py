@@ -447,6 +447,29 @@ def test_measure_subtracts_prefill_from_decode(monkeypatch):
     assert (pp.test, tg.test, tg.n_gen, tg.threads, tg.runtime) == ("pp64", "tg16", 16, 3, "fake")
 
 
+class StallingRunner(FakeRunner):
+    """The first `stalls` 1-token generations take a second longer (another process took the CPU)."""
+
+    def __init__(self, clock, stalls):
+        super().__init__(clock)
+        self.stalls = stalls
+
+    def generate(self, ids, n_new):
+        if n_new == 1 and self.stalls > 0:
+            self.stalls -= 1
+            self.clock.now += 1.0
+        return super().generate(ids, n_new)
+
+
+def test_measure_repeats_decode_pairs_spoilt_by_a_stall(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(run, "perf_counter", clock)
+    s = run.measure(StallingRunner(clock, stalls=2), n_prompt=64, n_gen=16, runs=3, bandwidth_gbs=10.0)
+    assert s["decode"]["samples"] == pytest.approx([100.0] * 3)  # two spoilt pairs were timed again
+    with pytest.raises(UserError, match="only 0 of 3 decode timings were usable"):
+        run.measure(StallingRunner(clock, stalls=100), n_prompt=64, n_gen=16, runs=3, bandwidth_gbs=10.0)
+
+
 def test_measure_torch_runner_on_bundled_model(bundled, tmp_path):
     from minicpm_edge.runtimes import open_runner
 

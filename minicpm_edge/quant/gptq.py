@@ -106,7 +106,11 @@ class GPTQ:
                     scale, zero = static[g]
                     scales[g], zeros[g] = scale, zero
                 elif c % glen == 0:  # entering a group: its columns as updated so far
-                    scale, zero = find_params(torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :glen], spec, mse)
+                    inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
+                    cols = W1[:, j:j + glen]
+                    if inside < glen:
+                        cols = torch.cat([W1[:, j:], W[:, i2:i2 + glen - inside]], 1)
+                    scale, zero = find_params(cols, spec, mse)
                     scales[g], zeros[g] = scale, zero
                 w, d = W1[:, j], Hinv1[j, j]
                 q = quantize_codes(w, scale, zero, spec.maxq)

@@ -3,9 +3,8 @@
   python benchmarks/quantize_2b.py --layers 2 --nsamples 128 --seqlen 512
 
 Writes a synthetic MiniCPM-2B-shaped checkpoint with --layers decoder layers, runs `minicpm-edge quantize` on it in a
-child process, and prints seconds per layer (median), peak RSS of the child, and the ratio against the gptqmodel
-figure measured in the same run (--peer, needs .venv-gptqmodel; see benchmarks/gptqmodel_layer.py) or, without
---peer, against the anchor recorded in issue 3 (gptqmodel 7.6.0: 656 s per layer, 64 x 512 tokens, this machine).
+child process, and prints seconds per layer (median) and peak RSS of the child. The same-run comparison with a peer
+(gptqmodel 7.6.0 on the same layer and tokens) is benchmarks/gptqmodel_layer.py.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ import time
 from pathlib import Path
 
 import psutil
-
-ANCHOR_GPTQMODEL_S = 656.0  # per 2B-shaped layer, 64 x 512 tokens, g32 sym, damp 0.01 (issue 3)
-
 
 def peak_rss(cmd: list[str]) -> tuple[int, float, int]:
     """Run cmd, polling the resident set size of it and its children; returns (peak bytes, seconds, exit code)."""
@@ -65,9 +61,6 @@ def main() -> None:
     print(f"  seconds per layer: median {med:.1f} (all: {', '.join(f'{s:.1f}' for s in per_layer)})")
     print(f"  whole run: {wall:.1f} s wall; peak RSS {peak / 2**30:.2f} GiB")
     print(f"  extrapolated to 40 layers: {med * 40 / 60:.1f} min")
-    scale = a.nsamples * a.seqlen / (64 * 512)
-    print(f"  vs gptqmodel 7.6.0 anchor ({ANCHOR_GPTQMODEL_S:.0f} s/layer at 64 x 512 tokens): "
-          f"{ANCHOR_GPTQMODEL_S * scale / med:.1f}x faster (anchor scaled linearly to this token count)")
     errors = {m: statistics.median(r["modules"][m]["rel_error"] for r in report["layers"]) for m in report["layers"][0]["modules"]}
     print("  median relative output error per module: " + ", ".join(f"{m.split('.')[-1]} {e:.4f}" for m, e in errors.items()))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from enum import Enum
 from pathlib import Path
@@ -35,6 +36,15 @@ class Target(str, Enum):
     harmony = "harmony"
     ios = "ios"
     onnx = "onnx"
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """An output file named on the command line that cannot be written is a UserError, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _version(value: bool):
@@ -88,7 +98,11 @@ def quantize(
             bar.update(task, completed=r["layer"] + 1,
                        description=f"layer {r['layer']}: rel. error {r['rel_error']:.4f}, {r['seconds']:.1f}s")
 
-        result = quantize_checkpoint(model, out, opts, resume=resume, force=force, on_layer=on_layer)
+        try:
+            result = quantize_checkpoint(model, out, opts, resume=resume, force=force, on_layer=on_layer)
+        except BaseException:
+            bar.live.transient = True  # the error alone is the message: no half-finished bar above it
+            raise
     report = json.loads((result / "quant_report.json").read_text())
     console.print(f"wrote {result} ({method.value}, {bits}-bit, group {group_size}, {'sym' if sym else 'asym'}; "
                   f"{report['totals']['seconds']:.1f}s; mean layer rel. error {report['totals']['mean_layer_rel_error']:.4f})")
@@ -251,7 +265,8 @@ def bench_run(
                      "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB", highlight=False)
     console.print(f"{new} new rows in {where}", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(summary, indent=1) + "\n")
+        with writing(json_out):
+            json_out.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 @bench_app.command("plan")
@@ -307,7 +322,8 @@ def bench_report(
         raise UserError("no decode results to report; add some with `bench run` or `bench ingest`")
     console.print(report.table(items))
     if plot:
-        console.print(f"wrote {report.plot(items, plot)}", highlight=False)
+        with writing(plot):
+            console.print(f"wrote {report.plot(items, plot)}", highlight=False)
 
 
 @app.command()
@@ -360,5 +376,6 @@ def run() -> None:
     try:
         app(standalone_mode=True)
     except UserError as e:
-        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        message = " ".join(str(e).split("\n"))  # one line, whatever a message quotes from a file
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True, emoji=False)
         raise SystemExit(2) from None

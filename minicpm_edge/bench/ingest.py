@@ -78,8 +78,10 @@ def ingest_file(path: Path, device: str | None = None, artifact: str | None = No
         raise UserError(f"{path}: {fmt + ': ' if fmt else ''}{e}") from None
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"{path}: malformed {fmt or 'result'} file ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed {fmt or 'result'} file (nested too deeply)") from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, csv.Error) as e:
+        raise UserError(f"{path}: malformed {fmt or 'result'} file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def detect(text: str) -> tuple[str, object]:
@@ -114,7 +116,7 @@ def detect(text: str) -> tuple[str, object]:
     lines = [ln.strip() for ln in body.splitlines()]
     first = next((ln for ln in lines if ln and not ln.startswith("#")), "")
     if "avg_ts" in first and "," in first:
-        return "llama-bench csv", list(csv.DictReader(io.StringIO(body[body.index(first):])))
+        return "llama-bench csv", list(csv.DictReader(io.StringIO(body[body.index(first):]), restkey="extra_fields"))
     if any(ln.startswith("|") and "t/s" in ln and "test" in ln for ln in lines):
         return "llama-bench md", lines
     if any(MLC_LINE.search(ln) or MLC_SECTION.match(ln) for ln in lines):
@@ -159,8 +161,8 @@ def _num(v, what: str) -> float:
             v = float(v)
         except ValueError:
             raise Bad(f"{what} is not a number ({v!r})") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise Bad(f"{what} is not a number ({v!r})")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 1e300 or not math.isfinite(v):
+        raise Bad(f"{what} is not a number ({str(v)[:40]!r})")
     return float(v)
 
 
@@ -212,7 +214,9 @@ def _llama_bench(records: list[dict], meta: dict) -> list[Result]:
 def _markdown(lines: list[str], meta: dict) -> list[Result]:
     table = [ln for ln in lines if ln.startswith("|")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
-    head = next(i for i, c in enumerate(cells) if "test" in c and "t/s" in c)
+    head = next((i for i, c in enumerate(cells) if "test" in c and "t/s" in c), None)
+    if head is None:
+        raise Bad("no table header with 'test' and 't/s' columns")
     cols = cells[head]
     records = []
     for c in cells[head + 1:]:

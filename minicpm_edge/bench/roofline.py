@@ -51,7 +51,7 @@ def load_bandwidths(path: Path | None = None) -> dict[str, tuple[float, tuple[st
     try:
         extra = json.loads(Path(path).read_text())
         assert isinstance(extra, dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AssertionError):
         raise UserError(f"{path}: not a JSON object of device bandwidths") from None
     for name, v in extra.items():
         gbs, aliases = (v.get("gbs"), v.get("aliases", [])) if isinstance(v, dict) else (v, [])
@@ -137,21 +137,23 @@ def _summary(fmt: str, tensors: dict[str, tuple[int, int]], embedding: str | Non
     per_token = total
     if embedding in tensors and not tied:
         b, rows = tensors[embedding]
-        per_token -= b - b // rows
+        per_token -= b - b // max(rows, 1)
     return {"format": fmt, "bytes_per_token": per_token, "weight_bytes": total, "tied": tied, "quant": quant}
 
 
 def _gguf(path: Path) -> dict:
     import gguf
 
+    from ..artifact import open_gguf
+
+    reader = open_gguf(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__})") from None
-    tensors = {t.name: (int(t.n_bytes), int(t.shape[1]) if len(t.shape) > 1 else 1) for t in reader.tensors}
+        tensors = {t.name: (int(t.n_bytes), int(t.shape[1]) if len(t.shape) > 1 else 1) for t in reader.tensors}
+        ftype = int(reader.fields["general.file_type"].parts[-1][0]) if "general.file_type" in reader.fields else None
+    except (IndexError, TypeError, ValueError, OverflowError):
+        raise UserError(f"{path}: not a readable GGUF file (malformed tensor info or file type)") from None
     quant = ""
-    if "general.file_type" in reader.fields:
-        ftype = int(reader.fields["general.file_type"].parts[-1][0])
+    if ftype is not None:
         try:
             quant = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
@@ -165,18 +167,29 @@ def _safetensors(path: Path) -> dict:
         try:
             with open(f, "rb") as fh:
                 n = struct.unpack("<Q", fh.read(8))[0]
+                size = f.stat().st_size
+                if n > min(size - 8, 100 << 20):  # safetensors caps headers at 100 MB
+                    raise ValueError("header length past the end of the file")
                 header = json.loads(fh.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+            for name, rec in header.items():
+                if name != "__metadata__":
+                    start, end = rec["data_offsets"]
+                    shape = rec["shape"]
+                    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end, *shape)) \
+                            or not 0 <= start <= end <= size - 8 - n:
+                        raise ValueError(f"{name}: offsets or shape out of range")
+                    tensors[name] = (end - start, shape[0] if shape else 1)
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError, KeyError,
+                TypeError, AttributeError):
             raise UserError(f"{f}: not a readable safetensors file") from None
-        for name, rec in header.items():
-            if name != "__metadata__":
-                start, end = rec["data_offsets"]
-                tensors[name] = (end - start, rec["shape"][0] if rec["shape"] else 1)
     cfg = {}
     if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+        from ..model.config import read_config_json
+
+        cfg = read_config_json(path)
     q = cfg.get("quantization_config") or {}
-    quant = cfg.get("torch_dtype", "")
+    q = q if isinstance(q, dict) else {}
+    quant = str(cfg.get("torch_dtype") or "")
     if q:
         quant = f"{q.get('quant_method', 'quant')} w{q.get('bits')} g{q.get('group_size')}"
     tied = "lm_head.weight" not in tensors and not any(n.startswith("lm_head.") for n in tensors)
@@ -187,16 +200,19 @@ def _mlc(path: Path, cache: Path) -> dict:
     try:
         records = [r for shard in json.loads(cache.read_text())["records"] for r in shard["records"]]
         tensors = {r["name"]: (int(r["nbytes"]), int(r["shape"][0]) if r["shape"] else 1) for r in records}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (OSError, json.JSONDecodeError, RecursionError, KeyError, TypeError, ValueError):
         raise UserError(f"{cache}: not an MLC tensor cache") from None
     tied = not any(n.startswith("lm_head") for n in tensors)
     quant = ""
     if (path / "mlc-chat-config.json").is_file():
-        quant = json.loads((path / "mlc-chat-config.json").read_text()).get("quantization", "")
+        try:
+            quant = str(json.loads((path / "mlc-chat-config.json").read_text()).get("quantization", ""))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise UserError(f"{path / 'mlc-chat-config.json'}: not a JSON object") from None
     out = _summary("mlc", tensors, None, tied, quant)
     if not tied:  # a quantised embedding is two tensors (codes, scales), each read one row at a time
         emb = [n for n in tensors if n.startswith("model.embed_tokens")]
-        out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // tensors[n][1] for n in emb)
+        out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // max(tensors[n][1], 1) for n in emb)
     return out
 
 
@@ -211,7 +227,11 @@ def _onnx(path: Path) -> dict:
     tensors = {}
     for t in graph.initializer:
         n = int(np.prod(t.dims)) if len(t.dims) else 1
-        tensors[t.name] = (n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize, t.dims[0] if t.dims else 1)
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise UserError(f"{path / 'model.onnx'}: initializer {t.name} has an unknown data type") from None
+        tensors[t.name] = (n * itemsize, t.dims[0] if t.dims else 1)
     users: dict[str, list] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -219,7 +239,7 @@ def _onnx(path: Path) -> dict:
     # an initializer used only as the data input of Gather nodes is an embedding lookup: one row per token
     lookups = [n for n in tensors if users.get(n) and all(u == ("Gather", 0) for u in users[n])]
     out = _summary("onnx", tensors, None, False, "")
-    out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // tensors[n][1] for n in lookups)
+    out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // max(tensors[n][1], 1) for n in lookups)
     out["tied"] = not lookups
     bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
     out["quant"] = f"MatMulNBits w{'/'.join(map(str, sorted(bits)))}" if bits else "float"

@@ -71,22 +71,53 @@ class Result:
     raw: dict = field(default_factory=dict)
 
     def check(self) -> Result:
+        for name in ("source", "device", "runtime", "artifact", "test", "artifact_sha256", "quant", "flags", "date"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not _encodable(v):
+                raise UserError(f"result field {name} must be text, not {v!r}")
         if self.source not in SOURCES:
             raise UserError(f"unknown result source {self.source!r}; expected one of {', '.join(SOURCES)}")
         if not self.device or not self.runtime or not self.artifact or not self.test:
             raise UserError(f"result for test {self.test!r} lacks a device, runtime or artifact name")
         tps = self.tokens_per_s
-        if isinstance(tps, bool) or not isinstance(tps, (int, float)) or not math.isfinite(tps) or tps <= 0:
+        if not _number(tps) or tps <= 0:
             raise UserError(f"{self.test} on {self.device}: tokens/s must be a positive number, not {tps!r}")
         for name in ("n_prompt", "n_gen", "threads", "bytes_per_token"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:  # SQLite's INTEGER
                 raise UserError(f"{self.test} on {self.device}: {name} must be a whole number >= 0, not {v!r}")
+        if self.stddev is not None and not _number(self.stddev):
+            raise UserError(f"{self.test} on {self.device}: stddev must be a number >= 0 or null, not {self.stddev!r}")
+        if not isinstance(self.raw, dict):
+            raise UserError(f"{self.test} on {self.device}: raw must be a JSON object, not {self.raw!r:.60}")
+        try:
+            json.dumps(self.raw, sort_keys=True)  # as the store writes it
+        except (TypeError, ValueError, RecursionError) as e:
+            raise UserError(f"{self.test} on {self.device}: raw cannot be stored as JSON ({e})") from None
+        bw = self.raw.get("bandwidth_gbs")  # the report's roofline for measured rows
+        if bw is not None and not _number(bw):
+            raise UserError(f"{self.test} on {self.device}: raw bandwidth_gbs must be a number, not {bw!r}")
         return self
 
     @property
     def is_decode(self) -> bool:
         return self.test.startswith("tg")
+
+
+def _number(x) -> bool:
+    """A finite number >= 0 (bool excluded)."""
+    try:
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # lone surrogates (from JSON escapes) cannot be stored
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def default_path() -> Path:
@@ -147,10 +178,16 @@ class Store:
         names = [f.name for f in fields(Result)]
         sql = f"SELECT {', '.join(names)} FROM results" + (f" WHERE {' AND '.join(where)}" if where else "")
         out = []
-        for values in self.db.execute(sql + " ORDER BY date, id", args):
-            rec = dict(zip(names, values))
-            rec["raw"] = json.loads(rec["raw"])
-            out.append(Result(**rec))
+        try:
+            for values in self.db.execute(sql + " ORDER BY date, id", args):
+                rec = dict(zip(names, values))
+                try:
+                    rec["raw"] = json.loads(rec["raw"])
+                    out.append(Result(**rec).check())
+                except (TypeError, ValueError, RecursionError, UserError) as e:
+                    raise UserError(f"{self.path}: a stored row is malformed ({str(e)[:160]})") from None
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: not a results store ({e})") from None
         return out
 
     def __len__(self) -> int:

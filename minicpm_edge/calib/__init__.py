@@ -52,7 +52,7 @@ def read_jsonl(path: Path) -> list[str]:
                 docs.append(rec["text"])
             else:
                 raise KeyError("expected a 'text' or 'messages' field")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path}:{n}: bad calibration record ({e})") from None
     return docs
 

@@ -249,8 +249,8 @@ def chat_config(ckpt: Checkpoint, layout: str, context: int, chunk: int, tokeniz
     if gen.is_file():
         try:
             sampling.update({k: v for k, v in json.loads(gen.read_text()).items() if k in SAMPLING})
-        except json.JSONDecodeError as e:
-            raise UserError(f"{gen}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError) as e:
+            raise UserError(f"{gen}: not a valid JSON object ({str(e)[:160]})") from None
     return {"version": "0.1.0", "model_type": "minicpm", "quantization": layout, "model_config": model_config,
             "vocab_size": c.vocab_size, "context_window_size": context, "sliding_window_size": -1,
             "prefill_chunk_size": chunk, "attention_sink_size": -1, "tensor_parallel_shards": 1,

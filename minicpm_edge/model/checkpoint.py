@@ -48,9 +48,11 @@ class Checkpoint:
             index = d / index_name
             if index.is_file():
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{index}: malformed index ({e})") from None
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+                    raise UserError(f"{index}: malformed index ({_short(e)})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise UserError(f"{index}: malformed index (weight_map must map tensor names to file names)")
                 for name, fname in weight_map.items():
                     path = d / fname
                     if not path.is_file():
@@ -89,8 +91,9 @@ class Checkpoint:
                     h = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
                 except Exception as e:  # torch raises many types for corrupt pickles
                     raise UserError(f"{path}: corrupt or unreadable PyTorch checkpoint ({_short(e)})") from None
-                if not isinstance(h, dict):
-                    raise UserError(f"{path}: expected a state dict")
+                if not isinstance(h, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in h.items()):
+                    raise UserError(f"{path}: expected a state dict (tensor names to tensors)")
             self._handles[path] = h
         return h
 
@@ -100,6 +103,11 @@ class Checkpoint:
 
     def _validate(self) -> None:
         c = self.config
+        present = {int(m.group(1)) for n in self._where if (m := LAYER_RE.match(n))}
+        if c.num_hidden_layers > len(present):  # before listing every tensor of every layer config.json claims
+            first = next(i for i in range(c.num_hidden_layers) if i not in present)
+            raise UserError(f"{self.dir}: config.json has {c.num_hidden_layers} layers but the checkpoint lacks "
+                            f"model.layers.{first} ({len(present)} layers present)")
         need = ["model.embed_tokens.weight", "model.norm.weight"]
         linear = ".qweight" if self.quant else ".weight"
         for i in range(c.num_hidden_layers):
@@ -110,19 +118,21 @@ class Checkpoint:
         missing = [n for n in need if n not in self._where]
         if missing:
             raise UserError(f"{self.dir}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        kv = c.num_key_value_heads * c.head_dim
-        expect = {
-            "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-            "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size),
-            "model.layers.0.self_attn.k_proj.weight": (kv, c.hidden_size),
-            "model.layers.0.self_attn.v_proj.weight": (kv, c.hidden_size),
-            "model.layers.0.self_attn.o_proj.weight": (c.hidden_size, c.num_attention_heads * c.head_dim),
-            "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            "model.layers.0.mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        }
+        # every shape, from the file headers alone: a mismatch in any layer is refused before any work starts
+        h, q, kv, inter = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
+            c.intermediate_size
+        linears = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                   "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+                   "mlp.down_proj": (h, inter)}
+        expect = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        if not c.tie_word_embeddings:
+            expect["lm_head.weight"] = (c.vocab_size, h)
+        for i in range(c.num_hidden_layers):
+            expect.update({f"model.layers.{i}.{m}.weight": (h,) for m in NORMS})
+            expect.update({f"model.layers.{i}.{m}.weight": shape for m, shape in linears.items()})
         for name, shape in expect.items():
-            got = self.linear_shape(name[:-len(".weight")]) if ".layers." in name else self.shape(name)
-            if got != shape:
+            got = self.linear_shape(name[:-len(".weight")]) if name.endswith("_proj.weight") else self.shape(name)
+            if tuple(got) != shape:
                 raise UserError(f"{self.dir}: {name} has shape {list(got)} but config.json implies {list(shape)}")
 
     # -- access ----------------------------------------------------------------------------------
@@ -154,19 +164,22 @@ class Checkpoint:
         h = self._slice(name)
         try:
             t = h[name] if isinstance(h, dict) else h.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            t = t if dtype is None else t.to(dtype)
+        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
             raise UserError(f"{self._where[name]}: cannot read {name} ({_short(e)})") from None
-        t = t if dtype is None else t.to(dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"{self._where[name]}: tensor {name} contains NaN or Inf")
         return t.contiguous()
 
     def linear_shape(self, prefix: str) -> tuple[int, int]:
         """(out, in) of a Linear, quantised or not."""
-        if self.quant and self.has(prefix + ".qweight"):
-            rows, n = self.shape(prefix + ".qweight")
-            return n, rows * 32 // self.quant["spec"].bits
-        return self.shape(prefix + ".weight")
+        name = prefix + ".qweight" if self.quant and self.has(prefix + ".qweight") else prefix + ".weight"
+        shape = self.shape(name)
+        if len(shape) != 2:
+            raise UserError(f"{self._where[name]}: {name} has shape {list(shape)}; a Linear's weight is a matrix")
+        if name.endswith(".qweight"):
+            return shape[1], shape[0] * 32 // self.quant["spec"].bits
+        return shape
 
     def quantized(self, prefix: str):
         """The QuantizedLinear record of a GPTQ checkpoint's Linear (e.g. `model.layers.0.mlp.up_proj`)."""
@@ -207,7 +220,11 @@ class Checkpoint:
         return p if p.is_file() else None
 
     def close(self) -> None:
+        """Drop the open files (and their memory maps), and hand the memory freed so far back to the OS."""
+        from ..memory import release
+
         self._handles.clear()
+        release(collect=False)
 
     def __enter__(self):
         return self

@@ -170,7 +170,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
     for i in range(ckpt.config.num_hidden_layers):
         state.update({f"layers.{i}.{k}": v for k, v in ckpt.layer_state(i, dtype).items()})
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    model.load_state_dict(state, strict=True)
+    _load_state(model, state, ckpt, "model.")
     return model.to(dtype).eval()
 
 
@@ -178,5 +178,21 @@ def load_layer(ckpt: Checkpoint, i: int, dtype: torch.dtype = torch.float32) -> 
     """Decoder layer i alone, for streaming through a model that does not fit in memory."""
     layer = DecoderLayer(ckpt.config)
     state = {k: v for k, v in ckpt.layer_state(i, dtype).items() if not k.endswith("rotary_emb.inv_freq")}
-    layer.load_state_dict(state, strict=True)
+    _load_state(layer, state, ckpt, f"model.layers.{i}.")
     return layer.to(dtype).eval()
+
+
+def _load_state(module: nn.Module, state: dict, ckpt: Checkpoint, prefix: str) -> None:
+    """load_state_dict, with a tensor the model has no place for (or lacks) named in a UserError."""
+    from ..errors import UserError
+
+    expected = module.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise UserError(f"{ckpt.dir}: unexpected tensor {prefix}{unexpected[0]} (not part of a MiniCPM model)"
+                        + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    bad = next((k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)), None)
+    if bad is not None:
+        raise UserError(f"{ckpt.dir}: {prefix}{bad} has shape {list(state[bad].shape)}, the model expects "
+                        f"{list(expected[bad].shape)}")
+    module.load_state_dict(state, strict=True)  # what is missing Checkpoint has already refused

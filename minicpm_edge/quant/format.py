@@ -59,6 +59,12 @@ class QuantizedLinear:
     def from_gptq(cls, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool, v2: bool = False,
                   name: str = "") -> "QuantizedLinear":
         qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+        for key in ("qweight", "qzeros", "g_idx"):
+            if key in t and (t[key].is_floating_point() or t[key].is_complex() or t[key].dtype == torch.bool):
+                raise UserError(f"{name}: {key} is {str(t[key].dtype).replace('torch.', '')}; GPTQ stores it as int32")
+        if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+            raise UserError(f"{name}: qweight, qzeros and scales must be matrices (got {qweight.dim()}, "
+                            f"{qzeros.dim()} and {scales.dim()} dimensions)")
         k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
         g_idx = t.get("g_idx")
         if g_idx is None:
@@ -83,10 +89,16 @@ def parse_quant_config(cfg: dict, source: str) -> dict:
     fmt = cfg.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise UserError(f"{source}: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
-    try:
-        spec = QuantSpec(int(cfg["bits"]), int(cfg.get("group_size", -1)), bool(cfg.get("sym", True)))
-    except KeyError:
-        raise UserError(f"{source}: quantization config lacks 'bits'") from None
+    if "bits" not in cfg:
+        raise UserError(f"{source}: quantization config lacks 'bits'")
+    values = {"bits": cfg["bits"], "group_size": cfg.get("group_size", -1)}
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            raise UserError(f"{source}: quantization config {key} must be a whole number, got {v!r}")
+    sym = cfg.get("sym", True)
+    if not isinstance(sym, bool):
+        raise UserError(f"{source}: quantization config sym must be true or false, got {sym!r}")
+    spec = QuantSpec(int(values["bits"]), int(values["group_size"]), sym)
     return {"spec": spec, "v2": fmt == "gptq_v2", "desc_act": bool(cfg.get("desc_act", False)), "raw": cfg}
 
 
@@ -106,7 +118,10 @@ def read_quant_config(model_dir: Path, config: dict) -> dict | None:
     path = Path(model_dir) / "quantize_config.json"
     if path.is_file():
         try:
-            return parse_quant_config(json.loads(path.read_text()), str(path))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: not valid JSON ({str(e)[:160]})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        return parse_quant_config(cfg, str(path))
     return None

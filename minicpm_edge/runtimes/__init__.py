@@ -3,7 +3,8 @@
 Every runner has the same small interface, used by `eval` and `bench`:
 - `logits(ids) -> np.ndarray [T, vocab] float32`: a fresh pass over `ids` from position 0 (no state kept);
 - `generate(ids, n_new) -> list[int]`: greedy decoding of n_new tokens after `ids`, with the runtime's KV cache;
-- `name`, `threads`, `vocab_size`.
+- `name`, `threads`, `vocab_size`;
+- `close()`: free the model now and return its memory to the OS (dropping the runner does the same).
 `open_runner(path, runtime=None)` picks the runtime from the artifact: a GGUF file, an ONNX folder or a checkpoint directory.
 """
 
@@ -14,6 +15,18 @@ from pathlib import Path
 from ..errors import UserError
 
 RUNTIMES = ("torch", "llama.cpp", "onnxruntime")
+
+
+def check_ids(ids, vocab_size: int, name: str) -> list[int]:
+    """ids as a list of ints, refused when one lies outside the model's vocabulary (a tokenizer for another model)."""
+    ids = [int(i) for i in ids]
+    if not isinstance(vocab_size, int):  # a symbolic logits dimension: nothing to check against
+        return ids
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise UserError(f"token id {bad} is outside {name}'s vocabulary of {vocab_size}; the tokenizer does not "
+                        "match the model")
+    return ids
 
 
 def detect(path: Path) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..memory import release
+from . import check_ids
 
 
 class LlamaCppRunner:
@@ -30,7 +32,7 @@ class LlamaCppRunner:
         self.n_ctx = n_ctx
 
     def _eval(self, ids) -> None:
-        ids = [int(i) for i in ids]
+        ids = check_ids(ids, self.vocab_size, "the GGUF")  # llama.cpp aborts the process on an unknown id
         if len(ids) > self.n_ctx:
             raise UserError(f"{len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
         self.llm.reset()
@@ -48,6 +50,14 @@ class LlamaCppRunner:
             out.append(nxt)
             self.llm.eval([nxt])
         return out
+
+    def close(self) -> None:
+        """Free the model and context now rather than when the runner is dropped."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            getattr(llm, "close", lambda: None)()
+            del llm
+            release()
 
     def tokenize(self, text: str, bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..memory import release
+from . import check_ids
 
 
 class OnnxRunner:
@@ -43,6 +45,7 @@ class OnnxRunner:
         """Logits [T, vocab] of `ids` following the cached key/values `past` (None: an empty cache)."""
         if not len(ids):
             raise UserError("no tokens to run")
+        ids = check_ids(ids, self.vocab_size, "the ONNX model")
         if past is None:
             past = [np.zeros([1, *self.kv_shape[1:]], np.float32)] * len(self.past)
         start, n = past[0].shape[2], len(ids)
@@ -53,6 +56,11 @@ class OnnxRunner:
 
     def logits(self, ids) -> np.ndarray:
         return self._run(list(ids), None)[0]
+
+    def close(self) -> None:
+        """Free the session (weights and arenas) now rather than when the runner is dropped."""
+        if self.__dict__.pop("session", None) is not None:
+            release()
 
     def generate(self, ids, n_new: int) -> list[int]:
         """Greedy decoding: one pass over the prompt, then one token at a time on the key/value cache."""

@@ -135,6 +135,34 @@ def test_kill_then_resume_is_bit_identical(bundled, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_killed_after_hidden_states_before_state_json(bundled, tmp_path, monkeypatch):
+    """The narrowest window of a kill: layer 1's outputs are on disk, state.json does not say so yet. The resume
+    redoes layer 1 from the inputs state.json names (a single hidden-state file here once gave wrong inputs)."""
+    from minicpm_edge.quant import driver
+
+    full = load_file(str(quantize_checkpoint(bundled, tmp_path / "full", QuantOptions(**FAST)) / "model.safetensors"))
+
+    class Killed(BaseException):
+        pass
+
+    real = driver._atomic_json
+
+    def dies_at_layer_2(obj, path):
+        if path.name == "state.json" and obj["layers_done"] == 2:
+            raise Killed
+        real(obj, path)
+
+    monkeypatch.setattr(driver, "_atomic_json", dies_at_layer_2)
+    with pytest.raises(Killed):
+        quantize_checkpoint(bundled, tmp_path / "resumed", QuantOptions(**FAST))
+    work = tmp_path / ".resumed.work"
+    assert json.loads((work / "state.json").read_text())["layers_done"] == 1 and (work / "hidden_0002.safetensors").is_file()
+    monkeypatch.setattr(driver, "_atomic_json", real)
+    resumed = load_file(str(quantize_checkpoint(bundled, tmp_path / "resumed", QuantOptions(**FAST), resume=True)
+                            / "model.safetensors"))
+    assert all(torch.equal(full[n], resumed[n]) for n in full) and full.keys() == resumed.keys()
+
+
 def test_resume_with_other_settings_is_refused(bundled, tmp_path):
     quantize_checkpoint(bundled, tmp_path / "q", QuantOptions(**FAST), stop_after=1)
     with pytest.raises(UserError, match="other settings"):

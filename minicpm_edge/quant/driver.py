@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import calib
@@ -58,30 +59,60 @@ class QuantOptions:
 
 def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: bool = False, force: bool = False,
                         on_layer: Callable[[dict], None] | None = None, stop_after: int | None = None) -> Path:
-    """Quantise every decoder Linear of `model_dir` into a GPTQ v1 checkpoint at `out`. Returns `out`."""
-    t_start = time.time()
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    if ckpt.quant:
-        raise UserError(f"{model_dir}: already a GPTQ checkpoint; quantise the original bf16/fp16 model")
-    if opts.method not in ("gptq", "rtn"):
-        raise UserError(f"--method {opts.method!r}: choose gptq or rtn")
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    for name, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
-        opts.spec.check_k(k, f"{name} {k}")
-    if ckpt.tokenizer_path is None:
-        raise UserError(f"{model_dir}: no tokenizer.model (needed to tokenise the calibration text)")
-    tok = Tokenizer(ckpt.tokenizer_path)
-    tok.check_vocab(cfg.vocab_size)
-    tokens = calib.calibration_batches(tok, calib.load_documents(opts.calib), opts.nsamples, opts.seqlen, opts.seed)
+    """Quantise every decoder Linear of `model_dir` into a GPTQ v1 checkpoint at `out`. Returns `out`.
 
-    out = Path(out)
-    work = out.parent / f".{out.name}.work"
-    fingerprint = opts.fingerprint(model_dir, tokens)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; add --force to replace it")
-    state = _open_work(work, fingerprint, resume, force)
+    On bad input or a failed write, the work area this run started is removed and `out` is left as it was; an
+    interruption (Ctrl-C) keeps it for --resume.
+    """
+    t_start = time.time()
+    with Checkpoint(model_dir) as ckpt:
+        cfg = ckpt.config
+        if ckpt.quant:
+            raise UserError(f"{model_dir}: already a GPTQ checkpoint; quantise the original bf16/fp16 model")
+        if opts.method not in ("gptq", "rtn"):
+            raise UserError(f"--method {opts.method!r}: choose gptq or rtn")
+        if opts.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        for name, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+            opts.spec.check_k(k, f"{name} {k}")
+        out = Path(out)
+        if out.exists() and not force:
+            raise UserError(f"{out} exists; add --force to replace it")
+        if ckpt.tokenizer_path is None:
+            raise UserError(f"{model_dir}: no tokenizer.model (needed to tokenise the calibration text)")
+        tok = Tokenizer(ckpt.tokenizer_path)
+        tok.check_vocab(cfg.vocab_size)
+        tokens = calib.calibration_batches(tok, calib.load_documents(opts.calib), opts.nsamples, opts.seqlen,
+                                           opts.seed)
+        work = out.parent / f".{out.name}.work"
+        fingerprint = opts.fingerprint(model_dir, tokens)
+        existed, begun = work.exists(), None  # begun: layers already done when this run took the work area
+        try:
+            state = _open_work(work, fingerprint, resume, force)
+            begun = state["layers_done"]
+            done = _quantize_layers(ckpt, tokens, work, opts, state, on_layer, stop_after)
+            if not done:
+                return work
+            _assemble(ckpt, work, out, opts, state, time.time() - t_start, force)
+        except (UserError, OSError, SafetensorError) as e:
+            # nothing half-written: a work area this run started (or that holds no finished layer) goes too
+            if begun == 0 or begun is None and not existed:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                for tmp in work.glob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                shutil.rmtree(work / "final", ignore_errors=True)
+            if isinstance(e, UserError):
+                raise
+            reason = e.strerror or e if isinstance(e, OSError) else _short(e)
+            raise UserError(f"{out}: writing failed ({reason}); nothing was written") from None
+    return out
+
+
+def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: QuantOptions, state: dict,
+                     on_layer, stop_after: int | None) -> bool:
+    """Quantise the layers `state` has not done yet into `work`; False when stopped early by `stop_after`."""
+    cfg = ckpt.config
     dev = torch.device(opts.device)
     cos, sin = (t.to(dev) for t in rope_tables(cfg, torch.arange(opts.seqlen)))
 
@@ -91,7 +122,11 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
         h = emb[tokens].to(dev, torch.float32) * cfg.embedding_scale
         del emb
     else:
-        h = load_file(str(work / "hidden.safetensors"))["h"].to(dev)
+        try:
+            h = load_file(str(_hidden_path(work, start)))["h"].to(dev)
+        except (SafetensorError, OSError, KeyError) as e:
+            raise UserError(f"{work}: the interrupted run's hidden states are unreadable ({_short(e)}); "
+                            "start over with --force") from None
     for i in range(start, cfg.num_hidden_layers):
         t0 = time.time()
         layer = load_layer(ckpt, i).to(dev)
@@ -102,17 +137,27 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             name = f"model.layers.{i}.{norm}.weight"
             tensors[name] = ckpt.tensor(name, None)
         _atomic_save(tensors, work / f"layer_{i:04d}.safetensors")
-        _atomic_save({"h": h.cpu().contiguous()}, work / "hidden.safetensors")
+        _atomic_save({"h": h.cpu().contiguous()}, _hidden_path(work, i + 1))
         state["layers_done"] = i + 1
         state["report"].append(report)
-        _atomic_json(state, work / "state.json")
+        _atomic_json(state, work / "state.json")  # the commit point: until here a resume redoes layer i
+        _hidden_path(work, i).unlink(missing_ok=True)
         if on_layer:
             on_layer(report)
         del layer, records
         if stop_after is not None and i + 1 >= stop_after:
-            return work
-    _assemble(ckpt, work, out, opts, state, time.time() - t_start, force)
-    return out
+            return False
+    return True
+
+
+def _hidden_path(work: Path, layer: int) -> Path:
+    """The hidden states entering `layer`. One file per layer boundary, so that a run killed after the next
+    boundary's file is written but before state.json says so resumes from the inputs state.json names."""
+    return work / f"hidden_{layer:04d}.safetensors"
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOptions):
@@ -187,7 +232,9 @@ def _open_work(work: Path, fingerprint: str, resume: bool, force: bool) -> dict:
     if resume and state_path.is_file():
         try:
             state = json.loads(state_path.read_text())
-        except json.JSONDecodeError:
+            assert isinstance(state, dict) and isinstance(state.get("layers_done"), int)
+            assert isinstance(state.get("report"), list)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AssertionError):
             raise UserError(f"{state_path}: unreadable; start over with --force") from None
         if state.get("fingerprint") != fingerprint:
             raise UserError(f"{work} was started with other settings, model or calibration text; "

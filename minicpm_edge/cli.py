@@ -149,9 +149,11 @@ def eval_(
                       f"{r['top1']:.3f}")
         console.print(t)
         if json_out:
-            json_out.write_text(json.dumps(rows, indent=1) + "\n")
+            with writing(json_out):
+                json_out.write_text(json.dumps(rows, indent=1) + "\n")
         if plot:
-            ev.plot_sweep(rows, plot)
+            with writing(plot):
+                ev.plot_sweep(rows, plot)
         return
     if quant is None:
         if ref.resolve() != BUNDLED_MODEL.resolve():
@@ -184,9 +186,11 @@ def eval_(
         console.print("zero FFN activations per layer: ref " + ", ".join(f"{x:.3f}" for x in s["ref"]) +
                       "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]), highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
+        with writing(json_out):
+            json_out.write_text(json.dumps(report, indent=1) + "\n")
     if plot:
-        ev.plot_report(report, plot)
+        with writing(plot):
+            ev.plot_report(report, plot)
     if max_drift is not None:
         failure = ev.gate(report, max_drift)
         if failure:

@@ -97,14 +97,22 @@ def evaluate(ref_path: Path, quant_path: Path, data=None, ctx: int = 512, method
     tok = Tokenizer(tok_path)
     tokens = tok.encode(eval_text(data), bos=True)
     ref = open_runner(ref_path, ref_runtime, threads=threads, n_ctx=ctx)
-    quant = open_runner(quant_path, runtime, threads=threads, n_ctx=ctx)
-    if ref.vocab_size != quant.vocab_size:
-        raise UserError(f"vocabularies differ: {ref_path} has {ref.vocab_size}, {quant_path} has {quant.vocab_size}")
-    report = compare(ref, quant, tokens, ctx, method, tok.bos_id, max_chunks, on_chunk)
+    quant = None
+    try:
+        quant = open_runner(quant_path, runtime, threads=threads, n_ctx=ctx)
+        if ref.vocab_size != quant.vocab_size:
+            raise UserError(f"vocabularies differ: {ref_path} has {ref.vocab_size}, {quant_path} has {quant.vocab_size}")
+        tok.check_vocab(ref.vocab_size)
+        report = compare(ref, quant, tokens, ctx, method, tok.bos_id, max_chunks, on_chunk)
+    finally:  # both models go before the next one is loaded (sweeps evaluate many)
+        for r in (ref, quant):
+            if r is not None:
+                r.close()
     report["ref"]["path"], report["quant"]["path"] = str(ref_path), str(quant_path)
     report["data"] = "bundled held-out" if data is None else str(data)
     if report["quant"]["runtime"] == "torch" and Path(quant_path).is_dir():
-        q = Checkpoint(quant_path).quant
+        with Checkpoint(quant_path) as ckpt:
+            q = ckpt.quant
         if q:
             report["quantization"] = {"bits": q["spec"].bits, "group_size": q["spec"].group_size, "sym": q["spec"].sym,
                                       "method": q["raw"].get("meta", {}).get("method", "gptq")}

@@ -218,6 +218,12 @@ def _(t):
     return ["eval", "--ref", t.request.getfixturevalue("variant"), "--quant", t.tmp / "nothing-here"], None
 
 
+@case("eval-json-unwritable", "cannot write")
+def _(t):
+    v = t.request.getfixturevalue("variant")
+    return ["eval", "--ref", v, "--quant", v, "--chunks", "1", "--ctx", "64", "--json", t.file("a-file", "x") / "r.json"], None
+
+
 @case("safetensors-truncated", "corrupt or unreadable safetensors file")
 def _(t):
     d = t.copy("variant")
@@ -427,7 +433,7 @@ def _(t):
     return ["export", small_variant(t.tmp / "v4160", vocab_size=4160), "--target", "ios", "--out", t.out()], t.out()
 
 
-@case("tokenizer-does-not-match-model-eval", "token id")
+@case("tokenizer-does-not-match-model-eval", "tokenizer has 4096 pieces but the model's vocab_size is 2000")
 def _(t):
     d = small_variant(t.tmp / "v2000", vocab_size=2000)  # the bundled tokenizer's ids reach 4095
     return ["eval", "--ref", d, "--quant", d, "--chunks", "1", "--ctx", "64"], None

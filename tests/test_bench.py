@@ -2,6 +2,8 @@
 
 import json
 import os
+from dataclasses import asdict
+from pathlib import Path
 import sqlite3
 import stat
 import subprocess
@@ -15,7 +17,7 @@ from safetensors import safe_open
 from conftest import small_variant
 from minicpm_edge.bench import plan, report, roofline, run
 from minicpm_edge.bench.ingest import PROMPT_TIME, ingest_file
-from minicpm_edge.bench.store import SCHEMA_VERSION, Result, Store, default_path
+from minicpm_edge.bench.store import SCHEMA, SCHEMA_VERSION, Result, Store, default_path
 from minicpm_edge.errors import UserError
 
 QT = gguf.GGMLQuantizationType
@@ -630,3 +632,37 @@ def test_cli_run_ingest_report_on_gguf_and_onnx(bundled_gptq, tmp_path):
     assert "0 new" in cli("ingest", tmp_path / "ios.json", "--db", db)
     cli("report", "--db", db, "--plot", tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+REAL = Path(__file__).parent / "data" / "llama-bench"  # written by llama-bench (llama.cpp 0c1e570, the version
+# llama-cpp-python 0.3.36 vendors) on this project's Q4_0 GGUF: `llama-bench -p 64 -n 16 -t 1 -r 2 -o FORMAT`
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "md"])
+def test_real_llama_bench_output(fmt):
+    path = REAL / f"minicpm-tiny-Q4_0.{fmt}"
+    rows = ingest_file(path, device="this CPU" if fmt == "md" else None)  # the markdown table names no hardware
+    assert sorted((r.test, r.n_prompt, r.n_gen) for r in rows) == [("pp64", 64, 0), ("tg16", 0, 16)]
+    for r in rows:
+        assert (r.source, r.runtime, r.threads, r.quant) == ("llama-bench", "llama.cpp", 1, "Q4_0")
+        assert r.tokens_per_s > 0 and r.stddev is not None
+        assert r.device == ("this CPU" if fmt == "md" else "Intel(R) Xeon(R) Processor")
+    if fmt != "md":
+        assert all(r.artifact == "minicpm-tiny-gptq-w4g32-Q4_0.gguf" for r in rows)
+    records = json.loads((REAL / "minicpm-tiny-Q4_0.json").read_text())
+    if fmt == "json":
+        assert sorted(r.tokens_per_s for r in rows) == sorted(x["avg_ts"] for x in records)
+
+
+def test_runs_in_the_same_second_are_two_rows_and_v1_stores_upgrade(tmp_path):
+    (tmp_path / "meta.txt").write_text(META)
+    a = ingest_file(write_jsonl(tmp_path / "r.jsonl"))
+    b = [Result(**{**asdict(r), "tokens_per_s": r.tokens_per_s * 1.01}) for r in a]  # same key, another figure
+    db = tmp_path / "v1.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(SCHEMA + "CREATE UNIQUE INDEX results_key ON results (source, device, runtime, artifact, "
+                      "artifact_sha256, test, n_prompt, n_gen, threads, date); PRAGMA user_version = 1;")
+    con.close()
+    with Store(db) as s:
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert s.add(a) == 2 and s.add(b) == 2 and s.add(a) == 0 and len(s) == 4

@@ -2,8 +2,9 @@
 
 Rows come from `bench run` (source "measured"), from phone result files (llama-bench, mlc, llmfarm) and from
 published figures. A unique index over the natural key (source, device, runtime, artifact, sha256, test, token
-counts, threads, date) makes ingesting the same file twice a no-op; `date` is the source's own timestamp
-(llama-bench's test_time, the time of our run, the `date:` line of a kit file).
+counts, threads, date, tokens/s) makes ingesting the same file twice a no-op; `date` is the source's own timestamp
+(llama-bench's test_time, the time of our run, the `date:` line of a kit file), which has one-second resolution, so
+the figure itself is part of the key: two runs started in the same second are two rows.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SOURCES = ("measured", "llama-bench", "mlc", "llmfarm", "published")
-KEY = ("source", "device", "runtime", "artifact", "artifact_sha256", "test", "n_prompt", "n_gen", "threads", "date")
+KEY = ("source", "device", "runtime", "artifact", "artifact_sha256", "test", "n_prompt", "n_gen", "threads", "date",
+       "tokens_per_s")
 
 SCHEMA = """
 CREATE TABLE results (
@@ -41,9 +43,8 @@ CREATE TABLE results (
     bytes_per_token INTEGER NOT NULL DEFAULT 0,
     raw TEXT NOT NULL DEFAULT '{}'
 );
-CREATE UNIQUE INDEX results_key ON results (source, device, runtime, artifact, artifact_sha256, test,
-                                            n_prompt, n_gen, threads, date);
 """
+INDEX = f"CREATE UNIQUE INDEX results_key ON results ({', '.join(KEY)});"
 
 
 @dataclass
@@ -136,7 +137,10 @@ class Store:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 with self.db:
-                    self.db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+                    self.db.executescript(SCHEMA + INDEX + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            elif version == 1:  # its key lacked tokens_per_s; every v1 row is unique under the wider key too
+                with self.db:
+                    self.db.executescript(f"DROP INDEX results_key; {INDEX} PRAGMA user_version = {SCHEMA_VERSION};")
             elif version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: results store has schema {version}; this minicpm-edge reads "
                                 f"up to {SCHEMA_VERSION} (upgrade minicpm-edge)")

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from minicpm_edge.inspect import summarize
-from minicpm_edge.model import Checkpoint
-from minicpm_edge.model.synthetic import SHAPES, write_synthetic
+from minicpm_edge.model import Checkpoint, Tokenizer
+from minicpm_edge.model.synthetic import BUNDLED_TOKENIZER, SHAPES, write_synthetic
 
 EXPECT = {  # FORMATS.md section 0
     "minicpm-2b": dict(hidden_size=2304, intermediate_size=5760, num_attention_heads=36, num_key_value_heads=36,
@@ -37,6 +37,9 @@ def test_synthetic_has_real_shapes(tmp_path, kind):
     assert s["dtypes"] == {"BF16": s["parameters"]}
     per_layer = 4 * h * h - 2 * h * (h - kv) + 3 * h * inter + 2 * h
     assert s["parameters"] == per_layer + c["vocab_size"] * h + h
+    tok, bundled = Tokenizer(out / "tokenizer.model"), Tokenizer(BUNDLED_TOKENIZER)
+    assert tok.vocab_size == c["vocab_size"]  # one piece per embedding row, as GGUF and MLC need
+    assert tok.encode("Hello 你好 <用户>x<AI> 🚀\n\tx = 1") == bundled.encode("Hello 你好 <用户>x<AI> 🚀\n\tx = 1")
 
 
 def test_synthetic_cli_and_inspect(tmp_path):

@@ -96,10 +96,21 @@ def write_synthetic(kind: str, out: Path, layers: int | None = None, seed: int =
     index = {"metadata": {"total_size": total}, "weight_map": {n: final[k] for n, k in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        if (BUNDLED_TOKENIZER.parent / name).is_file():
-            shutil.copy(BUNDLED_TOKENIZER.parent / name, out / name)
+    (out / "tokenizer.model").write_bytes(padded_tokenizer(cfg["vocab_size"]))
+    shutil.copy(BUNDLED_TOKENIZER.parent / "tokenizer_config.json", out / "tokenizer_config.json")
     return out
+
+
+def padded_tokenizer(vocab_size: int) -> bytes:
+    """The bundled SentencePiece model with UNUSED pieces appended up to `vocab_size` (one piece per embedding row,
+    as exporters and llama.cpp require); it encodes text exactly as the bundled tokenizer does."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(BUNDLED_TOKENIZER.read_bytes())
+    for i in range(len(proto.pieces), vocab_size):
+        proto.pieces.add(piece=f"<unused_{i}>", score=0.0, type=pb.ModelProto.SentencePiece.UNUSED)
+    return proto.SerializeToString()
 
 
 def main(argv=None) -> None:

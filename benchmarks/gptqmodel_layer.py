@@ -1,12 +1,14 @@
 """One MiniCPM-2B-shaped layer, same calibration tokens: our engine against gptqmodel 7.6.0, in one run.
 
-  python benchmarks/gptqmodel_layer.py --nsamples 64 --seqlen 512      (needs `make interop`'s .venv-gptqmodel)
+  python benchmarks/gptqmodel_layer.py --nsamples 64 --seqlen 512 --ours fp32,bf16,bf16:gar,bf16:natural   (needs `make interop`'s venv)
 
 Writes a 1-layer synthetic MiniCPM-2B-shaped checkpoint, quantises it with `minicpm-edge quantize` and, in the gptqmodel
 venv, with GPTQModel (the checkpoint re-labelled GraniteForCausalLM, which gptqmodel quantises as a llama clone and
-which computes MiniCPM's muP math), both w4 g32 symmetric, damp 0.01, act-order off, on identical token ids.
-Prints seconds for the layer, the ratio, and each module's relative output error on the calibration inputs of
-the layer's first group, measured the same way for both checkpoints by our reader.
+which computes MiniCPM's muP math), both w4 g32 symmetric, damp 0.01, on identical token ids; gptqmodel with its
+defaults otherwise (act_group_aware on, i.e. GAR column order). Ours runs once per --ours setting: COMPUTE[:ORDER],
+compute fp32 or bf16, --order act (default), gar or natural. Prints seconds for the layer, the speed ratios,
+and each module's relative output error on the layer's real inputs, measured the same way for every checkpoint by
+our reader.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--ours", default="fp32,bf16,bf16:gar,bf16:natural", help="our settings COMPUTE[:ORDER], comma-separated")
     a = ap.parse_args()
     if not PEER.exists():
         raise SystemExit(f"{PEER} missing: run `make interop` first")
@@ -60,11 +63,16 @@ def main() -> None:
     ids = calib.calibration_batches(tok, calib.load_documents(None), a.nsamples, a.seqlen)
     (root / "ids.json").write_text(json.dumps(ids.tolist()))
 
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "minicpm_edge", "quantize", str(model), "--out", str(root / "ours"),
-                    "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)], check=True, capture_output=True)
-    ours_s = json.loads((root / "ours" / "quant_report.json").read_text())["layers"][0]["seconds"]
-    ours_wall = time.time() - t0
+    ours = {}
+    for setting in a.ours.split(","):
+        compute, _, order = setting.partition(":")
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "minicpm_edge", "quantize", str(model), "--out", str(root / setting),
+                        "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--compute", compute,
+                        "--order", order or "act"],
+                       check=True, capture_output=True)
+        seconds = json.loads((root / setting / "quant_report.json").read_text())["layers"][0]["seconds"]
+        ours[setting] = (seconds, time.time() - t0)
 
     granite = root / "granite"
     shutil.copytree(model, granite)
@@ -89,7 +97,7 @@ def main() -> None:
     cos, sin = rope_tables(c, torch.arange(a.seqlen))
     fp = load_layer(Checkpoint(model), 0)
     errors = {}
-    for name, ckpt_dir in (("ours", root / "ours"), ("gptqmodel", root / "peer")):
+    for name, ckpt_dir in [(f"ours-{k}", root / k) for k in ours] + [("gptqmodel", root / "peer")]:
         cfg_q = json.loads((ckpt_dir / "config.json").read_text())
         if cfg_q.get("model_type") == "granite":  # read it back with our reader under the MiniCPM config
             cfg_q.update({k: v for k, v in json.loads((model / "config.json").read_text()).items()})
@@ -108,12 +116,13 @@ def main() -> None:
                 errs[mod.split(".")[1]] = float((q.get_submodule(mod)(x) - ref).norm() / ref.norm())
         errors[name] = errs
     print(f"MiniCPM-2B-shaped layer, {a.nsamples} x {a.seqlen} calibration tokens, w4 g32 sym, damp 0.01")
-    print(f"  minicpm-edge: {ours_s:.1f} s for the layer ({ours_wall:.1f} s wall incl. start-up and writing)")
+    for k, (seconds, wall) in ours.items():
+        print(f"  minicpm-edge {k}: {seconds:.1f} s for the layer ({wall:.1f} s wall incl. start-up and "
+              f"writing): {peer_s / seconds:.2f}x gptqmodel's speed")
     print(f"  gptqmodel 7.6.0: {peer_s:.1f} s in quantize() ({peer_wall:.1f} s wall)")
-    print(f"  ratio: {peer_s / ours_s:.1f}x faster")
     print("  relative output error per module (first 8 samples, unquantised inputs):")
-    for mod in errors["ours"]:
-        print(f"    {mod:10s} ours {errors['ours'][mod]:.5f}  gptqmodel {errors['gptqmodel'][mod]:.5f}")
+    for mod in errors["gptqmodel"]:
+        print(f"    {mod:10s} " + "  ".join(f"{name} {e[mod]:.5f}" for name, e in errors.items()))
     shutil.rmtree(root)
 
 

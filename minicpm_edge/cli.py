@@ -70,11 +70,14 @@ def quantize(
     seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
     damp: float = typer.Option(0.01, help="Hessian damping as a fraction of its mean diagonal."),
     device: str = typer.Option("cpu", help="cpu, or cuda where present."),
+    compute: str = typer.Option("auto", help="Layer forwards and Hessian products in fp32 or bf16; auto: bf16 on GPUs "
+                                "and CPUs with AVX512-BF16/AMX, else fp32 (the solver is fp32 either way)."),
     out: Optional[Path] = typer.Option(None, help="Output checkpoint directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
-    act_order: bool = typer.Option(False, help="Quantise columns by decreasing Hessian diagonal (with static groups)."),
-    static_groups: bool = typer.Option(False, help="Fix group parameters before the error updates."),
+    order: str = typer.Option("act", help="Column order: act (decreasing Hessian diagonal, static groups), gar "
+                              "(group-aware reordering) or natural; each keeps groups contiguous for every target."),
+    static_groups: bool = typer.Option(False, help="Fix group parameters before the error updates (implied by act)."),
     mse: bool = typer.Option(False, help="Search the clipping range that minimises the rounding error."),
 ):
     """GPTQ int4 group quantisation, layer by layer, on CPU."""
@@ -85,8 +88,8 @@ def quantize(
     from .quant.grid import QuantSpec
 
     opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method.value, damp=damp, nsamples=nsamples,
-                        seqlen=seqlen, calib=calib, act_order=act_order, static_groups=static_groups or act_order,
-                        mse=mse, device=device)
+                        seqlen=seqlen, calib=calib, order=order, static_groups=static_groups,
+                        mse=mse, device=device, compute=compute)
     if out is None:
         out = Path("out") / f"{model.name}-{method.value}-w{bits}g{group_size}{'' if sym else '-asym'}"
     layers = Checkpoint(model).config.num_hidden_layers

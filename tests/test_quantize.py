@@ -15,7 +15,7 @@ from minicpm_edge import calib
 from minicpm_edge.errors import UserError
 from minicpm_edge.model import Checkpoint, Tokenizer, load_model
 from minicpm_edge.quant import QuantSpec
-from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
+from minicpm_edge.quant.driver import QuantOptions, auto_compute, quantize_checkpoint
 
 FAST = dict(nsamples=32, seqlen=256)
 
@@ -36,7 +36,9 @@ def test_checkpoint_is_complete_gptq_v1(quantized, bundled):
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 32 and q["sym"] is True
-    assert q["checkpoint_format"] == "gptq" and q["desc_act"] is False and q["meta"]["quantizer"][0].startswith("minicpm-edge")
+    assert q["checkpoint_format"] == "gptq" and q["meta"]["quantizer"][0].startswith("minicpm-edge")
+    # the default column order: act-order with static groups, so g_idx stays contiguous (every target needs that)
+    assert q["desc_act"] is True and q["static_groups"] is True and q["act_group_aware"] is False
     assert json.loads((out / "quantize_config.json").read_text()) == q
     t = load_file(str(out / "model.safetensors"))
     ref = Checkpoint(bundled)
@@ -50,7 +52,9 @@ def test_checkpoint_is_complete_gptq_v1(quantized, bundled):
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.2.input_layernorm.weight"):
         assert t[name].dtype == torch.bfloat16 and torch.equal(t[name], ref.tensor(name, None))
     assert "lm_head.weight" not in t
+    assert torch.equal(t[p + "g_idx"], torch.arange(c.intermediate_size, dtype=torch.int32) // 32)
     report = json.loads((out / "quant_report.json").read_text())
+    assert report["order"] == "act" and report["compute"] == auto_compute("cpu")
     assert len(report["layers"]) == c.num_hidden_layers
     for layer in report["layers"]:
         assert set(layer["modules"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -85,6 +89,41 @@ def test_other_grids(bundled, tmp_path, spec):
     rec = ck.quantized("model.layers.1.self_attn.o_proj")
     assert rec.codes.max() <= spec.maxq and rec.contiguous
     assert torch.isfinite(load_model(ck).embed_tokens.weight).all()
+
+
+def module_errors(d):
+    return {(layer["layer"], m): v["rel_error"] for layer in json.loads((d / "quant_report.json").read_text())["layers"]
+            for m, v in layer["modules"].items()}
+
+
+def test_bf16_compute_matches_fp32_quality(bundled, tmp_path):
+    """bf16 layer forwards and Hessian products: the same module errors as fp32 (within 5%), fp32 solver."""
+    fp32, bf16 = (module_errors(quantize_checkpoint(bundled, tmp_path / c, QuantOptions(compute=c, **FAST)))
+                  for c in ("fp32", "bf16"))
+    assert fp32.keys() == bf16.keys()
+    for key in fp32:
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.05), key
+    with pytest.raises(UserError, match="--compute 'fp16'"):
+        quantize_checkpoint(bundled, tmp_path / "x", QuantOptions(compute="fp16", **FAST))
+    assert auto_compute("cuda") == "bf16" and auto_compute("cpu") in ("fp32", "bf16")
+
+
+def test_column_orders_on_real_activations(bundled, quantized, tmp_path):
+    """act-order (the default) beats natural order on the reference model's real activations, summed over each
+    module type; GAR lies in between. Every order writes contiguous groups and says which it used."""
+    act = module_errors(quantized[0])
+    runs = {o: quantize_checkpoint(bundled, tmp_path / o, QuantOptions(order=o, **FAST)) for o in ("gar", "natural")}
+    err = {"act": act} | {o: module_errors(d) for o, d in runs.items()}
+    for module in {m for _, m in act}:
+        total = {o: sum(v for (_, m), v in e.items() if m == module) for o, e in err.items()}
+        assert total["act"] < 0.97 * total["natural"], (module, total)
+        assert total["gar"] < 1.01 * total["natural"], (module, total)
+    for o, d in runs.items():
+        q = json.loads((d / "config.json").read_text())["quantization_config"]
+        assert (q["desc_act"], q["static_groups"], q["act_group_aware"]) == (False, False, o == "gar")
+        assert Checkpoint(d).quantized("model.layers.0.mlp.down_proj").contiguous
+    with pytest.raises(UserError, match="--order 'desc': choose act, gar, natural"):
+        quantize_checkpoint(bundled, tmp_path / "x", QuantOptions(order="desc", **FAST))
 
 
 def test_refusals(bundled, quantized, tmp_path):

@@ -135,7 +135,7 @@ def check_exportable(ckpt: Checkpoint) -> object:
     if q is None:
         return None
     spec = q["spec"]
-    how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32` (no --act-order)"
+    how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32`"
     if spec.bits != 4 or spec.group_size != 32:
         raise UserError(f"{ckpt.dir}: GPTQ {spec.bits}-bit group {spec.group_size} has no exact GGUF form "
                         f"(Q4_0/Q4_1 need 4-bit groups of 32); {how}")

@@ -150,7 +150,7 @@ def check_exportable(ckpt: Checkpoint) -> None:
     if c.hidden_act != "silu":
         raise UserError(f"{where}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by mlc-llm's minicpm "
                         "model, which hard-codes SiLU; export --target onnx runs this model")
-    how = "quantise with `minicpm-edge quantize --bits 4 --group-size 32` (symmetric, no --act-order)"
+    how = "quantise with `minicpm-edge quantize --bits 4 --group-size 32` (symmetric)"
     q = ckpt.quant
     if q is None:
         raise UserError(f"{where}: not a GPTQ checkpoint; the MLC export stores GPTQ int4 codes, {how} first")
@@ -175,7 +175,8 @@ def check_linear(ckpt: Checkpoint, prefix: str):
     q = ckpt.quantized(prefix)
     if not q.contiguous:
         raise UserError(f"{ckpt.dir}: {prefix} uses act-order groups that are not contiguous along the input, which "
-                        "q4f16 cannot express; re-quantise without --act-order (or with --static-groups)")
+                        "q4f16 cannot express; re-quantise with `minicpm-edge quantize` (its act-order keeps groups "
+                        "contiguous) or with static groups")
     if not bool((q.zeros == 8).all()):
         raise UserError(f"{ckpt.dir}: {prefix} is marked symmetric but has zero points other than 8; "
                         "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32`")

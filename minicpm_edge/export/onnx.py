@@ -81,7 +81,8 @@ def matmulnbits(q: QuantizedLinear, name: str = "linear") -> dict:
     """The MatMulNBits tensors and attributes of a QuantizedLinear (codes [N, K], scales/zeros [groups, N])."""
     if not q.contiguous:
         raise UserError(f"{name}: act-order groups are not contiguous along K and MatMulNBits cannot permute inputs; "
-                        "re-quantise with --static-groups (or without --act-order)")
+                        "re-quantise with `minicpm-edge quantize` (its act-order keeps groups contiguous) or with "
+                        "static groups")
     n, k = q.shape
     block = q.group_size if q.group_size != -1 else PER_CHANNEL_BLOCK
     if block < 16 or block & (block - 1):

@@ -103,10 +103,10 @@ def parse_quant_config(cfg: dict, source: str) -> dict:
 
 
 def quantization_config(spec: QuantSpec, damp: float, method: str, act_order: bool, static_groups: bool,
-                        true_sequential: bool = True) -> dict:
+                        true_sequential: bool = True, group_aware: bool = False) -> dict:
     from .. import __version__
     return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": act_order,
-            "sym": spec.sym, "damp_percent": damp, "static_groups": static_groups,
+            "sym": spec.sym, "damp_percent": damp, "static_groups": static_groups, "act_group_aware": group_aware,
             "true_sequential": true_sequential, "checkpoint_format": "gptq",
             "meta": {"quantizer": [f"{QUANTIZER}:{__version__}"], "method": method}}
 

@@ -45,22 +45,32 @@ class GPTQ:
         """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count."""
         if x.shape[-1] != self.k:
             raise UserError(f"calibration activations have {x.shape[-1]} features, the layer expects {self.k}")
-        x = x.detach().reshape(-1, self.k).to(self.H.device, torch.float32)
+        x = x.detach().reshape(-1, self.k).to(self.H.device)
+        if x.dtype != torch.bfloat16:
+            x = x.float()
         if mask is not None:
             x = x[mask.reshape(-1).to(x.device, torch.bool)]
-        if not torch.isfinite(x).all():
-            raise UserError("calibration activations contain NaN or Inf; check the model weights and calibration text")
         m = x.shape[0]
         if m == 0:
             return
+        xtx = (x.t() @ x).float()  # in bfloat16 when x is (fast; the running sum stays float32)
+        if not torch.isfinite(xtx.diagonal()).all():  # a NaN/Inf anywhere in x reaches its column's diagonal entry
+            raise UserError("calibration activations contain NaN or Inf (or overflow float32); check the model weights "
+                            "and calibration text")
         self.H *= self.n / (self.n + m)  # running average: H stays (2/n) sum x x^T after every batch
         self.n += m
-        x = x * math.sqrt(2 / self.n)
-        self.H.addmm_(x.t(), x)
+        self.H.add_(xtx, alpha=2 / self.n)
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
-                 act_order: bool = False, static_groups: bool = False, mse: bool = False) -> QuantResult:
-        """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come."""
+                 act_order: bool = False, static_groups: bool = False, mse: bool = False,
+                 group_aware: bool = False) -> QuantResult:
+        """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come.
+
+        Column order: natural; `act_order` (decreasing Hessian diagonal over all columns, groups then need
+        `static_groups`); or `group_aware` (GAR: whole groups in decreasing order of their largest diagonal entry,
+        columns within each group likewise, so every group is still one contiguous run of K and its parameters
+        come from its updated columns, as in natural order).
+        """
         if self.n == 0:
             raise UserError("no calibration tokens reached this layer")
         if act_order and not static_groups and spec.group_size != -1:
@@ -83,7 +93,11 @@ class GPTQ:
         static = None
         if static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
             static = [find_params(W[:, g * glen:(g + 1) * glen], spec, mse) for g in range(n_groups)]
-        perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+        perm = None
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True)
+        elif group_aware and spec.group_size != -1:
+            perm = group_aware_order(torch.diag(H), glen)
         if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
         Hinv, damp_used = _inverse_cholesky(H, damp)
@@ -105,7 +119,7 @@ class GPTQ:
                 if static is not None:
                     scale, zero = static[g]
                     scales[g], zeros[g] = scale, zero
-                elif c % glen == 0:  # entering a group: its columns as updated so far
+                elif (i1 + j) % glen == 0:  # entering a group (contiguous here): its columns as updated so far
                     inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
                     cols = W1[:, j:j + glen]
                     if inside < glen:
@@ -135,6 +149,13 @@ class GPTQ:
         num = torch.einsum("nk,kl,nl->", D, self.H, D)
         den = torch.einsum("nk,kl,nl->", W, self.H, W)
         return math.sqrt(max(float(num / den), 0.0)) if den > 0 else 0.0
+
+
+def group_aware_order(diag: torch.Tensor, glen: int) -> torch.Tensor:
+    """GAR's column order: groups by decreasing largest diagonal entry, columns by decreasing diagonal within each."""
+    within, order = torch.sort(diag.view(-1, glen), dim=1, descending=True, stable=True)
+    groups = torch.argsort(within[:, 0], descending=True, stable=True)
+    return (order + torch.arange(len(groups), device=diag.device)[:, None] * glen)[groups].reshape(-1)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--method", default="gptq")
+    ap.add_argument("--compute", default="auto", help="fp32, bf16 or auto (minicpm-edge quantize --compute)")
     ap.add_argument("--keep", type=Path, default=None, help="write the checkpoints here instead of a temp dir")
     a = ap.parse_args()
     from minicpm_edge.model.synthetic import write_synthetic
@@ -50,14 +51,16 @@ def main() -> None:
     model = write_synthetic("minicpm-2b", root / "minicpm-2b", layers=a.layers)
     out = root / "quantized"
     cmd = [sys.executable, "-m", "minicpm_edge", "quantize", str(model), "--out", str(out), "--force",
-           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--method", a.method]
+           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--method", a.method,
+           "--compute", a.compute]
     peak, wall, rc = peak_rss(cmd)
     if rc:
         raise SystemExit(rc)
     report = json.loads((out / "quant_report.json").read_text())
     per_layer = [r["seconds"] for r in report["layers"]]
     med = statistics.median(per_layer)
-    print(f"MiniCPM-2B shapes, {a.layers} layers, {a.nsamples} x {a.seqlen} calibration tokens, {a.method} w4 g32 sym")
+    print(f"MiniCPM-2B shapes, {a.layers} layers, {a.nsamples} x {a.seqlen} calibration tokens, {a.method} w4 g32 sym, "
+          f"order {report['order']}, compute {report['compute']}")
     print(f"  seconds per layer: median {med:.1f} (all: {', '.join(f'{s:.1f}' for s in per_layer)})")
     print(f"  whole run: {wall:.1f} s wall; peak RSS {peak / 2**30:.2f} GiB")
     print(f"  extrapolated to 40 layers: {med * 40 / 60:.1f} min")

@@ -163,13 +163,22 @@ class Checkpoint:
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         h = self._slice(name)
         try:
-            t = h[name] if isinstance(h, dict) else h.get_tensor(name)
-            t = t if dtype is None else t.to(dtype)
+            raw = h[name] if isinstance(h, dict) else h.get_tensor(name)
+            t = (raw if dtype is None else raw.to(dtype)).contiguous()
         except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
             raise UserError(f"{self._where[name]}: cannot read {name} ({_short(e)})") from None
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"{self._where[name]}: tensor {name} contains NaN or Inf")
-        return t.contiguous()
+        del raw
+        self.drop_maps()  # a zero-copy tensor keeps its own map alive; a freed or copied one takes its pages along
+        return t
+
+    def drop_maps(self) -> None:
+        """Unmap the safetensors files. Pages read through a memory map stay in this process's resident set while
+        the map lives; streaming a 2B model layer by layer would otherwise grow by every layer read. Tensors still
+        referring to a map (zero-copy reads) keep it; the files reopen on the next read (a header parse)."""
+        for path in [p for p, h in self._handles.items() if not isinstance(h, dict)]:
+            del self._handles[path]
 
     def linear_shape(self, prefix: str) -> tuple[int, int]:
         """(out, in) of a Linear, quantised or not."""

@@ -128,6 +128,7 @@ def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: Q
         emb = ckpt.tensor("model.embed_tokens.weight", None)  # original dtype: never the whole table in fp32
         h = emb[tokens].to(dev, torch.float32) * cfg.embedding_scale
         del emb
+        ckpt.drop_maps()  # the table was read through a memory map: unmap it
     else:
         try:
             h = load_file(str(_hidden_path(work, start)))["h"].to(dev)

@@ -182,6 +182,30 @@ def test_f16_export_of_unquantised_checkpoint_with_untied_head(tmp_path):
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
 
 
+
+def test_f16_embedding_is_converted_from_the_stored_dtype(bundled_gptq, tmp_path):
+    """The bf16 table goes to f16 directly (no float32 copy of it): equal to the float32 route, and a value beyond
+    f16's range is refused with what to do instead, not written as inf."""
+    from safetensors.torch import load_file, save_file
+
+    out = export_ios(bundled_gptq, tmp_path / "ios")
+    r = gguf.GGUFReader(gguf_file(out))
+    emb = next(t for t in r.tensors if t.name == "token_embd.weight")
+    want = Checkpoint(bundled_gptq).embedding().numpy().astype(np.float16)
+    assert np.array_equal(np.asarray(emb.data).reshape(want.shape), want)
+    big = tmp_path / "big"
+    big.mkdir()
+    for f in bundled_gptq.iterdir():
+        (big / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(big / "model.safetensors"))
+    state["model.embed_tokens.weight"][5, 3] = 1e5  # fine in bf16, beyond f16
+    save_file(state, str(big / "model.safetensors"), metadata={"format": "pt"})
+    (big / "manifest.json").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="token_embd.weight: values beyond float16's range"):
+        export_ios(big, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert export_ios(big, tmp_path / "f32", embedding="f32").exists()
+
 def test_q8_0_embedding(bundled_gptq, tmp_path):
     out = export_ios(bundled_gptq, tmp_path / "q8", embedding="q8_0")
     kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_file(out)).tensors}

@@ -90,7 +90,7 @@ class Plan:
         self.items = []
         c = ckpt.config
         self.add("token_embd.weight", ckpt.shape("model.embed_tokens.weight"), embedding_type,
-                 lambda: ckpt.embedding())
+                 lambda: ckpt.embedding(None))  # original dtype: converted once, below
         for i in range(c.num_hidden_layers):
             for src, dst in NORMS.items():
                 name = f"model.layers.{i}.{src}.weight"
@@ -102,7 +102,7 @@ class Plan:
                          lambda prefix=prefix, heads=heads: linear(ckpt, prefix, heads, linear_type))
         self.add("output_norm.weight", (c.hidden_size,), QT.F32, lambda: ckpt.final_norm())
         if not c.tie_word_embeddings:
-            self.add("output.weight", ckpt.shape("lm_head.weight"), embedding_type, lambda: ckpt.lm_head())
+            self.add("output.weight", ckpt.shape("lm_head.weight"), embedding_type, lambda: ckpt.lm_head(None))
 
     def add(self, name, shape, qtype, produce):
         rows, cols = (1, shape[0]) if len(shape) == 1 else shape
@@ -203,10 +203,15 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     w.write_ti_data_to_file()
     for gname, shape, nbytes, qtype, produce in plan.items:
         data = produce()
-        if isinstance(data, torch.Tensor):
+        if isinstance(data, torch.Tensor) and qtype == QT.F16:  # bf16 -> f16 directly: no float32 copy of a table
+            data = data.to(torch.float16)
+            if not torch.isfinite(data).all():
+                raise UserError(f"{gname}: values beyond float16's range (65504); export with --embedding f32 or "
+                                "q8_0, or --dtype f32")
+            data = data.numpy()
+        elif isinstance(data, torch.Tensor):
             data = data.float().numpy()
-            data = gguf.quants.quantize(data, qtype) if qtype == QT.Q8_0 else data.astype(
-                np.float16 if qtype == QT.F16 else np.float32)
+            data = gguf.quants.quantize(data, qtype) if qtype == QT.Q8_0 else data.astype(np.float32)
         if data.nbytes != nbytes:
             raise AssertionError(f"{gname}: {data.nbytes} bytes produced, {nbytes} planned")
         w.write_tensor_data(np.ascontiguousarray(data))

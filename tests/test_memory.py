@@ -32,7 +32,9 @@ def test_memory_returns_to_baseline_between_models(tmp_path):
     base = res["baseline_mib"]
     for step, mib in res["steps"]:
         assert mib <= base * (1 + BOUND), f"{step}: {mib:.0f} MiB resident against a baseline of {base:.0f} MiB"
-    assert res["model_mib"] > 0.3 * base, "models too small for a leak to show"
+    # a model left resident must overshoot the bound at least twice over (the warm-up baseline includes libtorch's
+    # kernels, oneDNN's bf16 ones included, so it is measured against the model, not a fixed share)
+    assert res["model_mib"] > 2 * BOUND * base, "models too small for a leak to show"
     assert all(d == d for d in res["drift"]) and len(res["drift"]) == 2  # both runs produced a report
 
 

@@ -1,6 +1,7 @@
 """iOS target: GGUF with the GPTQ codes in Q4_0/Q4_1 blocks, read back by gguf-py and run by llama.cpp."""
 
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -193,10 +194,7 @@ def test_f16_embedding_is_converted_from_the_stored_dtype(bundled_gptq, tmp_path
     emb = next(t for t in r.tensors if t.name == "token_embd.weight")
     want = Checkpoint(bundled_gptq).embedding().numpy().astype(np.float16)
     assert np.array_equal(np.asarray(emb.data).reshape(want.shape), want)
-    big = tmp_path / "big"
-    big.mkdir()
-    for f in bundled_gptq.iterdir():
-        (big / f.name).write_bytes(f.read_bytes())
+    big = shutil.copytree(bundled_gptq, tmp_path / "big")
     state = load_file(str(big / "model.safetensors"))
     state["model.embed_tokens.weight"][5, 3] = 1e5  # fine in bf16, beyond f16
     save_file(state, str(big / "model.safetensors"), metadata={"format": "pt"})
@@ -234,8 +232,6 @@ def test_refusals_leave_nothing(tmp_path, case, message):
 
 def act_order_checkpoint(src_q, out):
     """A copy of a GPTQ checkpoint whose layer-0 q_proj has AutoGPTQ-style act-order g_idx (groups not contiguous)."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src_q, out)

@@ -51,6 +51,13 @@ class QuantOptions:
     batch: int = 8  # calibration samples per forward chunk
     seed: int = 0
 
+    @property
+    def column_order(self) -> dict[str, bool]:
+        """`order` as the solver's switches (GPTQ.quantize's keywords); RTN has no column order."""
+        gptq = self.method == "gptq"
+        return {"act_order": gptq and self.order == "act", "group_aware": gptq and self.order == "gar",
+                "static_groups": gptq and (self.static_groups or self.order == "act")}
+
     def fingerprint(self, model_dir: Path, tokens: torch.Tensor) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "spec"} | self.spec.__dict__
         d["model"] = str(Path(model_dir).resolve())
@@ -207,9 +214,7 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
         for name in names:
             w = originals.pop(name)
             if opts.method == "gptq":
-                r = hessian.quantize(w, opts.spec, opts.damp, act_order=opts.order == "act",
-                                     static_groups=opts.static_groups or opts.order == "act", mse=opts.mse,
-                                     group_aware=opts.order == "gar")
+                r = hessian.quantize(w, opts.spec, opts.damp, mse=opts.mse, **opts.column_order)
             else:
                 r = rtn(w, opts.spec, opts.mse)
             modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized), 8), "damp": r.damp_used}
@@ -331,10 +336,9 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {n: names[f] for n, f in weight_map.items()}}
         (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    gptq = opts.method == "gptq"  # RTN has no column order
-    qcfg = quantization_config(opts.spec, opts.damp, opts.method, gptq and opts.order == "act",
-                               gptq and (opts.static_groups or opts.order == "act"),
-                               group_aware=gptq and opts.order == "gar")
+    order = opts.column_order
+    qcfg = quantization_config(opts.spec, opts.damp, opts.method, order["act_order"], order["static_groups"],
+                               group_aware=order["group_aware"])
     config = dict(cfg.raw)
     config["quantization_config"] = qcfg
     config["torch_dtype"] = "float16"

@@ -12,32 +12,42 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install run test reference-model synthetic interop clean
 
+# Quiet by default: one line per step, the whole log in $(INSTALL_LOG) (its tail is shown when a step fails);
+# V=1 shows everything as it happens.
+INSTALL_LOG ?= $(OUT)/install.log
+V ?= 0
+ifeq ($(V),1)
+step = echo "== $(1)" && $(2)
+else
+step = printf '%s ... ' "$(1)" && if ( $(2) ) >>$(INSTALL_LOG) 2>&1; then echo ok; else echo "failed (last lines of $(INSTALL_LOG); rerun with V=1 to see it all):"; tail -n 30 $(INSTALL_LOG); exit 1; fi
+endif
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e '.[test]'
-	touch $(STAMP)
+	@mkdir -p $(dir $(INSTALL_LOG)) && : > $(INSTALL_LOG)
+	@$(call step,virtual environment $(VENV),test -x $(PY) || python3 -m venv $(VENV))
+	@$(call step,pip,$(PY) -m pip install -q --upgrade pip)
+	@$(call step,torch (kept if the venv has one; else $(TORCH_SPEC)),$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)")
+	@$(call step,minicpm-edge and its dependencies (llama-cpp-python builds from source once: about 7 minutes),$(PY) -m pip install -e '.[test]')
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 # The main job on the bundled model: quantise once, prove quality held, export every target, measure speed.
 Q   := $(OUT)/minicpm-tiny-gptq-w4g32
 DB  := $(OUT)/bench.sqlite
+MINICPM := $(VENV)/bin/minicpm-edge
 run: install
-	$(VENV)/bin/minicpm-edge inspect
-	$(VENV)/bin/minicpm-edge quantize --bits 4 --group-size 32 --out $(Q) --force
-	$(VENV)/bin/minicpm-edge inspect $(Q)
-	$(VENV)/bin/minicpm-edge eval --quant $(Q) --max-drift 0.01 --json $(OUT)/eval.json --plot $(OUT)/eval.png
-	for t in ios android harmony onnx; do $(VENV)/bin/minicpm-edge export $(Q) --target $$t --out $(Q)-$$t --force || exit 1; done
-	$(VENV)/bin/minicpm-edge eval --quant $(Q)-ios --max-drift 0.01
-	$(VENV)/bin/minicpm-edge eval --quant $(Q)-onnx --max-drift 0.01
-	$(VENV)/bin/minicpm-edge inspect --verify $(Q)-android
-	$(VENV)/bin/minicpm-edge bench run $(Q)-ios --db $(DB) --json $(OUT)/bench-ios.json
-	$(VENV)/bin/minicpm-edge bench run $(Q)-onnx --db $(DB)
-	$(VENV)/bin/minicpm-edge bench plan --target android --artifact $(Q)-ios --out $(OUT)/bench-kit-android --force
-	$(VENV)/bin/minicpm-edge bench plan --target ios --artifact $(Q)-ios --out $(OUT)/bench-kit-ios --force
-	$(VENV)/bin/minicpm-edge bench report --db $(DB) --plot $(OUT)/bench.png
+	$(MINICPM) quantize --bits 4 --group-size 32 --out $(Q) --force
+	$(MINICPM) eval --quant $(Q) --max-drift 0.01 --json $(OUT)/eval.json --plot $(OUT)/eval.png
+	for t in ios android harmony onnx; do $(MINICPM) export $(Q) --target $$t --out $(Q)-$$t --force || exit 1; done
+	$(MINICPM) eval --quant $(Q)-ios --max-drift 0.01
+	$(MINICPM) eval --quant $(Q)-onnx --max-drift 0.01
+	$(MINICPM) inspect --verify $(Q)-android
+	$(MINICPM) bench run $(Q)-ios --db $(DB) --json $(OUT)/bench-ios.json
+	$(MINICPM) bench run $(Q)-onnx --db $(DB)
+	$(MINICPM) bench plan --target android --artifact $(Q)-ios --out $(OUT)/bench-kit-android --force
+	$(MINICPM) bench plan --target ios --artifact $(Q)-ios --out $(OUT)/bench-kit-ios --force
+	$(MINICPM) bench report --db $(DB) --plot $(OUT)/bench.png
 	@echo "artifacts in $(OUT)/: GPTQ checkpoint $(Q), exports $(Q)-{ios,android,harmony,onnx}, eval.json/png, bench.png, device kits"
 
 test: install

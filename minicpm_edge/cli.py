@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
 from . import __version__
 from .errors import UserError
 from .model.synthetic import BUNDLED_TOKENIZER
+from .ui import console, err, out_for, table, write_json, writing
 
 BUNDLED_MODEL = BUNDLED_TOKENIZER.parent
-console = Console()
-err = Console(stderr=True)
+JSON_HELP = "Also write the results as JSON to this file (- for standard output; the tables then go to stderr)."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MiniCPM checkpoints in, int4 artifacts for Android and iOS out, with proof that quality held.")
@@ -36,15 +32,6 @@ class Target(str, Enum):
     harmony = "harmony"
     ios = "ios"
     onnx = "onnx"
-
-
-@contextlib.contextmanager
-def writing(path: Path):
-    """An output file named on the command line that cannot be written is a UserError, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _version(value: bool):
@@ -123,7 +110,7 @@ def eval_(
     chunks: Optional[int] = typer.Option(None, help="Score at most this many chunks."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the runtimes."),
     max_drift: Optional[float] = typer.Option(None, help="Exit 1 when relative PPL drift exceeds this (0.05 = 5%)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG plot."),
     sweep: bool = typer.Option(False, help="Quantise and evaluate a grid of methods x bits x group sizes."),
     grid: str = typer.Option("gptq,rtn:3,4:32,128", help="Sweep grid METHODS:BITS:GROUPS."),
@@ -136,6 +123,7 @@ def eval_(
 
     from . import evaluation as ev
 
+    show = out_for(json_out)
     if sweep:
         rows = []
         with Progress(TextColumn("[bold]sweep[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -144,16 +132,15 @@ def eval_(
             task = bar.add_task("", total=len(items))
             rows = ev.sweep(ref, sweep_dir, items, data, ctx, method, nsamples=nsamples, max_chunks=chunks,
                             on_item=lambda r: bar.advance(task))
-        t = Table("method", "bits", "group", "PPL ref", "PPL quant", "drift", "KL mean", "KL p99", "top-1",
+        t = table("method", "bits", "group", "PPL ref", "PPL quant", "drift", "KL mean", "KL p99", "top-1",
                   title=f"{ref.name}: {method} convention, ctx {ctx}, {rows[0]['tokens_scored']} tokens")
         for r in rows:
             t.add_row(r["quant_method"], str(r["bits"]), str(r["group_size"]), f"{r['ref']['ppl']:.3f}",
                       f"{r['quant']['ppl']:.3f}", f"{r['drift']:+.2%}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.4f}",
                       f"{r['top1']:.3f}")
-        console.print(t)
+        show.print(t)
         if json_out:
-            with writing(json_out):
-                json_out.write_text(json.dumps(rows, indent=1) + "\n")
+            write_json(json_out, rows)
         if plot:
             with writing(plot):
                 ev.plot_sweep(rows, plot)
@@ -177,29 +164,28 @@ def eval_(
 
         tokens = Tokenizer(ref / "tokenizer.model").encode(ev.eval_text(data))
         report["sparsity"] = {"ref": ev.sparsity(ref, tokens, ctx, chunks), "quant": ev.sparsity(quant, tokens, ctx, chunks)}
-    t = Table("model", "runtime", "PPL", title=f"{report['method']} perplexity convention, ctx {report['ctx']}, "
+    t = table("model", "runtime", "PPL", title=f"{report['method']} perplexity convention, ctx {report['ctx']}, "
               f"{report['tokens_scored']:,} tokens scored in {report['chunks']} chunks ({report['data']})")
     t.add_row(str(ref), report["ref"]["runtime"], f"{report['ref']['ppl']:.4f}")
     t.add_row(str(quant), report["quant"]["runtime"], f"{report['quant']['ppl']:.4f}")
-    console.print(t)
-    console.print(f"drift {report['drift']:+.3%} (± {report['drift_se']:.3%}); KL divergence mean {report['kl_mean']:.5f}, "
-                  f"p99 {report['kl_p99']:.5f}; top-1 agreement {report['top1']:.4f}", highlight=False)
+    show.print(t)
+    show.print(f"drift {report['drift']:+.3%} (± {report['drift_se']:.3%}); KL divergence mean {report['kl_mean']:.5f}, "
+                  f"p99 {report['kl_p99']:.5f}; top-1 agreement {report['top1']:.4f}")
     if "sparsity" in report:
         s = report["sparsity"]
-        console.print("zero FFN activations per layer: ref " + ", ".join(f"{x:.3f}" for x in s["ref"]) +
-                      "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]), highlight=False)
+        show.print("zero FFN activations per layer: ref " + ", ".join(f"{x:.3f}" for x in s["ref"]) +
+                      "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]))
     if json_out:
-        with writing(json_out):
-            json_out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(json_out, report)
     if plot:
         with writing(plot):
             ev.plot_report(report, plot)
     if max_drift is not None:
         failure = ev.gate(report, max_drift)
         if failure:
-            err.print(f"drift gate failed: {failure}", highlight=False)
+            err.print(f"drift gate failed: {failure}")
             raise typer.Exit(1)
-        console.print(f"drift gate passed ({report['drift']:+.3%} <= {max_drift:.2%})", highlight=False)
+        show.print(f"drift gate passed ({report['drift']:+.3%} <= {max_drift:.2%})")
 
 
 @app.command()
@@ -231,10 +217,10 @@ def export(
 
         export_mlc(checkpoint, out, target=target.value, layout=layout, model_id=model_id,
                    context_window=context_window, prefill_chunk=prefill_chunk, force=force)
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    console.print(f"wrote {out}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB", highlight=False)
-    for p in files:
-        console.print(f"  {p.relative_to(out)} ({p.stat().st_size / 2**20:.2f} MiB)", highlight=False)
+    files = sorted((p for p in out.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    main = ", ".join(f"{p.relative_to(out)} {p.stat().st_size / 2**20:.2f} MiB" for p in files[:3])
+    console.print(f"wrote {out}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB "
+                  f"(largest: {main}; `minicpm-edge inspect --verify {out}` checks them)")
 
 
 @bench_app.command("run")
@@ -246,34 +232,34 @@ def bench_run(
     runs: int = typer.Option(3, help="Repetitions; the median is reported."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     db: Optional[Path] = typer.Option(None, help="Results store (default: the user data directory)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON (bench ingest reads it)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP + " bench ingest reads it."),
 ):
     """Prefill and decode tokens/s through the artifact's own runtime."""
-    from .bench.run import measure, rows
+    from .bench.run import context_needed, measure, rows
     from .bench.store import Store
     from .runtimes import open_runner
 
-    runner = open_runner(artifact, runtime, threads=threads, n_ctx=max(2048, n_prompt + n_gen + 16))
+    runner = open_runner(artifact, runtime, threads=threads, n_ctx=context_needed(n_prompt, n_gen))
     with err.status(f"timing {artifact} through {runner.name} ({runs} runs)"):
         summary = measure(runner, n_prompt=n_prompt, n_gen=n_gen, runs=runs, artifact=artifact)
     with Store(db) as store:
         new = store.add(rows(summary))
         where = store.path
-    t = Table("test", "tokens/s (median)", "spread", "runs", title=f"{summary['artifact']['name']} on "
+    show = out_for(json_out)
+    t = table("test", "tokens/s (median)", "spread", "runs", title=f"{summary['artifact']['name']} on "
               f"{summary['device']} ({summary['runtime']}, {summary['threads']} threads)")
     for kind, test in (("prefill", f"pp{n_prompt}"), ("decode", f"tg{n_gen}")):
         s = summary[kind]
         t.add_row(test, f"{s['tokens_per_s']:.2f}", f"{s['min']:.2f}-{s['max']:.2f}", str(len(s["samples"])))
-    console.print(t)
+    show.print(t)
     bound = summary["decode_bound"]
-    console.print(f"artifact {summary['artifact']['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token'] / 2**20:.2f} MiB "
+    show.print(f"artifact {summary['artifact']['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token'] / 2**20:.2f} MiB "
                   f"read per token, memory bandwidth {summary['bandwidth_gbs']:.1f} GB/s (measured): decode bound "
                   + (f"{bound:.1f} tok/s, measured {summary['decode']['tokens_per_s'] / bound:.0%} of it" if bound else
-                     "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB", highlight=False)
-    console.print(f"{new} new rows in {where}", highlight=False)
+                     "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
+    show.print(f"{new} new rows in {where}")
     if json_out:
-        with writing(json_out):
-            json_out.write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(json_out, summary)
 
 
 @bench_app.command("plan")
@@ -288,8 +274,7 @@ def bench_plan(
 
     out = out or Path("out") / f"bench-kit-{target}"
     write_plan(target, out, artifact, force=force)
-    console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())) + f" (read {out}/README.md)",
-                  highlight=False)
+    console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())) + f" (read {out}/README.md)")
 
 
 @bench_app.command("ingest")
@@ -307,8 +292,8 @@ def bench_ingest(
     with Store(db) as store:
         for f, rows in batches:
             new = store.add(rows)
-            console.print(f"{f}: {len(rows)} rows, {new} new", highlight=False)
-        console.print(f"{len(store)} rows in {store.path}", highlight=False)
+            console.print(f"{f}: {len(rows)} rows, {new} new")
+        console.print(f"{len(store)} rows in {store.path}")
 
 
 @bench_app.command("report")
@@ -330,7 +315,7 @@ def bench_report(
     console.print(report.table(items))
     if plot:
         with writing(plot):
-            console.print(f"wrote {report.plot(items, plot)}", highlight=False)
+            console.print(f"wrote {report.plot(items, plot)}")
 
 
 @app.command()
@@ -344,20 +329,20 @@ def inspect(
         from .artifact import verify as verify_folder
 
         v = verify_folder(path)
-        console.print(f"{path}: {v['kind']} artifact, {v['files']} files match manifest.json", highlight=False)
+        console.print(f"{path}: {v['kind']} artifact, {v['files']} files match manifest.json")
         for line in v["checks"]:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}")
         if v["unlisted"]:
-            console.print(f"  not in the manifest (not checked): {', '.join(v['unlisted'])}", highlight=False)
+            console.print(f"  not in the manifest (not checked): {', '.join(v['unlisted'])}")
         return
     from .inspect import summarize
 
     s = summarize(path)
     if json_out:
-        console.print_json(json.dumps(s))
+        write_json("-", s)
         return
     c = s["config"]
-    console.print(f"[bold]{s['architecture']}[/bold] ({s['variant']}) at {s['path']}")
+    console.print(f"{s['architecture']} ({s['variant']}) at {s['path']}", style="bold")
     console.print(f"parameters: {s['parameters']:,} ({s['parameters'] / 1e9:.3f} B); tied embeddings: {s['tied']}; "
                   f"dtypes: {', '.join(f'{k} {v:,}' for k, v in s['dtypes'].items())}")
     if s["quantization"]:
@@ -366,13 +351,13 @@ def inspect(
                       f"{'symmetric' if q['sym'] else 'asymmetric'}, format {q['format']}, act-order {q['desc_act']}")
     console.print(f"muP: embedding x{s['muP']['embedding_scale']:g}, residual x{s['muP']['residual_scale']:.6g}, "
                   f"logits / {s['muP']['logit_scale']:g}; tokenizer: {s['tokenizer'] or 'none'}")
-    cfg = Table("key", "value", title="config")
+    cfg = table("key", "value", title="config")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "hidden_act", "hidden_act_param", "rope_theta", "rms_norm_eps",
               "max_position_embeddings", "scale_emb", "scale_depth", "dim_model_base"):
         cfg.add_row(k, str(c[k]))
     console.print(cfg)
-    t = Table("tensor", "shape", "count", title="tensors")
+    t = table("tensor", "shape", "count", title="tensors")
     for name, v in s["tensors"].items():
         t.add_row(name, "x".join(map(str, v["shape"])), str(v["count"]))
     console.print(t)
@@ -384,5 +369,5 @@ def run() -> None:
         app(standalone_mode=True)
     except UserError as e:
         message = " ".join(str(e).split("\n"))  # one line, whatever a message quotes from a file
-        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True, emoji=False)
+        err.print(f"error: {message}", soft_wrap=True)
         raise SystemExit(2) from None

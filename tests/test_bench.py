@@ -613,10 +613,11 @@ def test_cli_run_ingest_report_on_gguf_and_onnx(bundled_gptq, tmp_path):
     from minicpm_edge.export.ios import export_ios
     from minicpm_edge.export.onnx import export_onnx
 
-    def cli(*args):
+    def cli(*args):  # piped, as in a log or CI, with a narrow COLUMNS that must not wrap anything
         r = subprocess.run([sys.executable, "-m", "minicpm_edge", "bench", *map(str, args)], capture_output=True,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "40"})
         assert r.returncode == 0, r.stderr
+        assert "llama_" not in r.stderr and "n_ctx" not in r.stderr, r.stderr  # llama.cpp's own log stays quiet
         return r.stdout
 
     db = tmp_path / "b.sqlite"
@@ -624,13 +625,22 @@ def test_cli_run_ingest_report_on_gguf_and_onnx(bundled_gptq, tmp_path):
         out = cli("run", art, "--n-prompt", 64, "--n-gen", 16, "--runs", 2, "--threads", 1, "--db", db,
                   "--json", tmp_path / f"{art.name}.json")
         assert "2 new rows" in out and "decode bound" in out
+        assert any(f"{db} " in line or line.endswith(str(db)) for line in out.splitlines()), out  # the path whole
+    piped = json.loads(cli("run", tmp_path / "ios", "--n-prompt", 16, "--n-gen", 4, "--runs", 1, "--threads", 1,
+                           "--db", tmp_path / "other.sqlite", "--json", "-"))  # JSON alone on stdout
+    assert piped["format"] == "minicpm-edge-bench" and piped["decode"]["tokens_per_s"] > 0
     with Store(db) as st:
         rows = st.rows()
     assert sorted((r.runtime, r.test) for r in rows) == [("llama.cpp", "pp64"), ("llama.cpp", "tg16"),
                                                           ("onnxruntime", "pp64"), ("onnxruntime", "tg16")]
     assert all(r.tokens_per_s > 0 and r.bytes_per_token > 0 and len(r.artifact_sha256) == 64 for r in rows)
-    assert "0 new" in cli("ingest", tmp_path / "ios.json", "--db", db)
-    cli("report", "--db", db, "--plot", tmp_path / "bench.png")
+    assert f"{tmp_path / 'ios.json'}: 2 rows, 0 new" in cli("ingest", tmp_path / "ios.json", "--db", db)
+    report_lines = cli("report", "--db", db, "--plot", tmp_path / "bench.png").splitlines()
+    for r in [r for r in rows if r.test == "tg16"]:  # one whole line per decode row: name, prefill and decode figures
+        pp = next(p for p in rows if p.runtime == r.runtime and p.test == "pp64")
+        line = next(ln for ln in report_lines if r.runtime in ln and r.device in ln)
+        assert f"{r.tokens_per_s:.2f}" in line and f"{pp.tokens_per_s:.2f} (pp64)" in line, line
+    assert any("Huawei Nova 11 SE, HarmonyOS 4.0 (Snapdragon 778)" in ln and "1.90" in ln for ln in report_lines)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -652,6 +662,14 @@ def test_real_llama_bench_output(fmt):
     records = json.loads((REAL / "minicpm-tiny-Q4_0.json").read_text())
     if fmt == "json":
         assert sorted(r.tokens_per_s for r in rows) == sorted(x["avg_ts"] for x in records)
+    # model_size (bytes of weights a decoded token reads) gives the roofline; markdown's "3.42 MiB" to 3 digits
+    assert all(r.bytes_per_token == pytest.approx(records[0]["model_size"], rel=0.002) for r in rows)
+    [e] = report.entries(rows, {"Intel(R) Xeon(R) Processor": (10.0, ()), "this CPU": (10.0, ())},
+                         with_published=False)
+    tg, pp = (next(r for r in rows if r.test.startswith(t)) for t in ("tg", "pp"))
+    assert e["bound"] == pytest.approx(10e9 / tg.bytes_per_token) and e["of_bound"] == pytest.approx(
+        tg.tokens_per_s / e["bound"])
+    assert (e["prefill_test"], e["prefill_tokens_per_s"]) == ("pp64", pp.tokens_per_s)
 
 
 def test_runs_in_the_same_second_are_two_rows_and_v1_stores_upgrade(tmp_path):

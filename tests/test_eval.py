@@ -8,6 +8,7 @@ measured in the same run over the same ~28k held-out positions. Both checks are 
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -170,9 +171,9 @@ def gptq_beats_rtn(bundled, gptq_dir, rtn_dir) -> str | None:
     return f"GPTQ KL {g['kl_mean']:.5f} top-1 {g['top1']:.4f} vs RTN KL {r['kl_mean']:.5f} top-1 {r['top1']:.4f}"
 
 
-def cli_eval(*args):
+def cli_eval(*args):  # piped, with a narrow COLUMNS that must not wrap anything
     return subprocess.run([sys.executable, "-m", "minicpm_edge", "eval", *map(str, args)], capture_output=True,
-                          text=True)
+                          text=True, env={**os.environ, "COLUMNS": "40"})
 
 
 def test_gate_passes_on_gptq_w4g32(gate, tmp_path):
@@ -180,7 +181,10 @@ def test_gate_passes_on_gptq_w4g32(gate, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["drift"]) < MAX_DRIFT and report["tokens_scored"] > 14000 and report["method"] == "llama"
-    assert "drift gate passed" in r.stdout and "llama perplexity convention" in r.stdout.replace("\n", " ")
+    lines = r.stdout.splitlines()  # piped: every line whole, whatever COLUMNS says
+    assert any(ln.startswith("drift gate passed (") for ln in lines), r.stdout
+    assert any("llama perplexity convention, ctx 512," in ln and "tokens scored" in ln for ln in lines), r.stdout
+    assert any(str(gate["gptq-w4g32"]) in ln for ln in lines), r.stdout
 
 
 def test_gate_gptq_beats_rtn_at_w3g32(bundled, gate):
@@ -196,8 +200,10 @@ def test_gate_fails_when_scales_flip_sign(gate, tmp_path):
             save_file({k: -v if k.endswith(".scales") else v for k, v in t.items()}, str(broken / f.name))
         elif f.name != "manifest.json":
             (broken / f.name).write_bytes(f.read_bytes())
-    r = cli_eval("--quant", broken, "--max-drift", MAX_DRIFT)
+    r = cli_eval("--quant", broken, "--max-drift", MAX_DRIFT, "--json", "-")
     assert r.returncode == 1 and "drift gate failed" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads(r.stdout)  # `--json -`: the report alone on stdout, the tables on stderr
+    assert report["drift"] > MAX_DRIFT and "drift" in r.stderr
 
 
 def test_gate_fails_without_error_updates(bundled, gate, tmp_path, monkeypatch):

@@ -71,7 +71,7 @@ def ingest_file(path: Path, device: str | None = None, artifact: str | None = No
         if not rows:
             raise Bad("no results in it")
         for r in rows:
-            r.bytes_per_token = r.bytes_per_token or bytes_per_token
+            r.bytes_per_token = bytes_per_token or r.bytes_per_token
             r.check()
         return rows
     except Bad as e:
@@ -207,8 +207,22 @@ def _llama_bench(records: list[dict], meta: dict) -> list[Result]:
             stddev=None if std in (None, "") else _num(std, f"{where} stddev_ts"),
             threads=_int(r.get("n_threads") or meta.get("threads") or 0, f"{where} n_threads"),
             artifact_sha256=meta.get("sha256", ""), quant=quant, date=str(r.get("test_time") or meta["date"]),
-            raw=dict(r)))
+            bytes_per_token=_model_size(r.get("model_size"), where), raw=dict(r)))
     return rows
+
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB)\s*$", re.I)
+UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _model_size(v, where: str) -> int:
+    """llama-bench's model_size (bytes of the weights, i.e. what a decoded token reads; markdown: "3.50 MiB"),
+    0 when absent."""
+    if v in (None, ""):
+        return 0
+    if isinstance(v, str) and (m := SIZE.match(v)):
+        return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    return _int(v, f"{where} model_size")
 
 
 def _markdown(lines: list[str], meta: dict) -> list[Result]:
@@ -233,7 +247,7 @@ def _markdown(lines: list[str], meta: dict) -> list[Result]:
         records.append({"n_prompt": int(n) if kind == "pp" else 0, "n_gen": int(tg or 0) if kind == "pp" else int(n),
                         "n_depth": int(depth or 0), "avg_ts": avg, "stddev_ts": std or None,
                         "model_type": rec.get("model", ""), "n_threads": rec.get("threads"),
-                        "backend": rec.get("backend", ""), "size": rec.get("size", "")})
+                        "backend": rec.get("backend", ""), "model_size": rec.get("size", "")})
     build = next((ln.removeprefix("build:").strip() for ln in lines if ln.startswith("build:")), "")
     rows = _llama_bench(records, meta)
     for r in rows:

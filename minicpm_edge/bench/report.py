@@ -1,15 +1,17 @@
 """Decode tokens/s per device against its roofline bound, with the published MiniCPM-2B phone figures for reference.
 
 The bound is the device's memory bandwidth over the artifact's bytes per token (roofline.py): measured rows use
-the bandwidth measured with them, phone rows the table entry their device name matches.
+the bandwidth measured with them, phone rows the table entry their device name matches. Each decode row shows the
+prefill (pp) figure of the same run beside it: the prefill row of the same device, runtime, artifact and threads
+whose date is nearest.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
-from rich.table import Table
-
+from ..ui import table as new_table
 from . import roofline
 from .ingest import PROMPT_TIME
 from .store import Result
@@ -34,17 +36,44 @@ def published() -> list[Result]:
                for d, t in PUBLISHED_LLMFARM])
 
 
+def _run_key(r: Result) -> tuple:
+    return r.source, r.device, r.runtime, r.artifact, r.artifact_sha256, r.quant, r.threads
+
+
+def _when(r: Result) -> float | None:
+    try:
+        return datetime.fromisoformat(r.date.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _prefill_of(decode: Result, prefills: dict[tuple, list[Result]]) -> Result | None:
+    """The prefill row measured with this decode row: same run key, nearest date (the first when undated)."""
+    candidates = prefills.get(_run_key(decode), [])
+    t = _when(decode)
+    if not candidates or t is None:
+        return candidates[0] if candidates else None
+    return min(candidates, key=lambda p: abs((_when(p) if _when(p) is not None else float("inf")) - t))
+
+
 def entries(rows: list[Result], bandwidths: dict | None = None, with_published: bool = True) -> list[dict]:
-    """One dict per decode row: the row's figures, the bandwidth used and the bound (None where unknown)."""
+    """One dict per decode row: the row's figures, its run's prefill figure, the bandwidth used and the bound
+    (None where unknown)."""
     table = bandwidths or roofline.BANDWIDTHS
+    prefills: dict[tuple, list[Result]] = {}
+    for r in rows:
+        if r.test.startswith("pp") and "+" not in r.test:
+            prefills.setdefault(_run_key(r), []).append(r)
     out = []
     for r in [r for r in rows if r.is_decode] + (published() if with_published else []):
+        pp = _prefill_of(r, prefills)
         match = roofline.lookup_bandwidth(r.device, table)
         if r.raw.get("bandwidth_gbs"):  # measured with the row (bench run)
             match = ("measured", float(r.raw["bandwidth_gbs"]))
         bound = roofline.decode_bound(match[1], r.bytes_per_token) if match and r.bytes_per_token else None
         out.append({"device": r.device, "runtime": r.runtime, "artifact": r.artifact, "quant": r.quant,
                     "source": r.source, "test": r.test, "tokens_per_s": r.tokens_per_s, "stddev": r.stddev,
+                    "prefill_test": pp.test if pp else None, "prefill_tokens_per_s": pp.tokens_per_s if pp else None,
                     "flags": r.flags, "date": r.date, "bandwidth": match[0] if match else "",
                     "bandwidth_gbs": match[1] if match else None, "bytes_per_token": r.bytes_per_token,
                     "bound": bound, "of_bound": r.tokens_per_s / bound if bound else None})
@@ -55,13 +84,15 @@ def _f(x, fmt: str = "{:.1f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
-def table(items: list[dict]) -> Table:
-    t = Table("device", "runtime", "artifact", "source", "decode tok/s", "bound tok/s", "of bound", "bandwidth",
-              "flags", title="decode speed against the memory-bandwidth roofline")
+def table(items: list[dict]):
+    t = new_table("device", "runtime", "artifact", "source", "prefill tok/s", "decode tok/s", "bound tok/s",
+                  "of bound", "bandwidth", "flags", title="prefill and decode speed; decode against the "
+                  "memory-bandwidth roofline")
     for e in items:
         speed = _f(e["tokens_per_s"], "{:.2f}") + (f" ± {e['stddev']:.2f}" if e["stddev"] is not None else "")
+        prefill = "—" if e["prefill_tokens_per_s"] is None else f"{e['prefill_tokens_per_s']:.2f} ({e['prefill_test']})"
         bw = f"{e['bandwidth']} {e['bandwidth_gbs']:.1f} GB/s" if e["bandwidth_gbs"] else "—"
-        t.add_row(e["device"], e["runtime"], f"{e['artifact']} {e['quant']}".strip(), e["source"], speed,
+        t.add_row(e["device"], e["runtime"], f"{e['artifact']} {e['quant']}".strip(), e["source"], prefill, speed,
                   _f(e["bound"]), _f(e["of_bound"], "{:.0%}"), bw, e["flags"],
                   style="dim" if e["source"] == "published" else None)
     return t

@@ -92,6 +92,11 @@ def _timed(fn, *args) -> tuple[float, object]:
     return perf_counter() - t, out
 
 
+def context_needed(n_prompt: int, n_gen: int) -> int:
+    """Tokens of context the timing loop uses: the prompt, or the short decode prompt plus the generated tokens."""
+    return max(n_prompt, DECODE_PROMPT + 1 + n_gen)
+
+
 def measure(runner, n_prompt: int = 512, n_gen: int = 128, runs: int = 3, artifact: Path | None = None,
             bandwidth_gbs: float | None = None, seed: int = 0) -> dict:
     """Time prefill and decode `runs` times; return the summary with "rows" (store rows as dicts) in it.

@@ -11,6 +11,30 @@ from ..errors import UserError
 from ..memory import release
 from . import check_ids
 
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5); llama-cpp-python's
+# own log callback still maps the older enum (ERROR 3), so llama.cpp's warnings reached stderr with verbose=False
+_errors: list[str] = []  # llama.cpp's recent error lines, for the one-line message when a load fails
+_log_callback = None  # kept referenced: llama.cpp calls it for as long as the process lives
+
+
+def _quiet_llama_log() -> None:
+    """Route llama.cpp's log away from the terminal; error lines are kept for our own one-line message."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if level == GGML_LOG_LEVEL_ERROR:
+            _errors.append(text.decode("utf-8", "replace").strip())
+            del _errors[:-4]
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
 
 class LlamaCppRunner:
     name = "llama.cpp"
@@ -23,11 +47,14 @@ class LlamaCppRunner:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such GGUF file")
         self.threads = threads or os.cpu_count() or 1
+        _quiet_llama_log()
+        _errors.clear()
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=self.threads,
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=self.threads,
                              n_threads_batch=self.threads, logits_all=True, verbose=False)
         except (ValueError, RuntimeError) as e:
-            raise UserError(f"{path}: llama.cpp cannot load this file ({str(e).splitlines()[0][:160]})") from None
+            why = "; ".join([str(e).splitlines()[0]] + [x for x in _errors if x][-2:])
+            raise UserError(f"{path}: llama.cpp cannot load this file ({why[:240]})") from None
         self.vocab_size = self.llm.n_vocab()
         self.n_ctx = n_ctx
 

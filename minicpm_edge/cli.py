@@ -218,9 +218,11 @@ def export(
         export_mlc(checkpoint, out, target=target.value, layout=layout, model_id=model_id,
                    context_window=context_window, prefill_chunk=prefill_chunk, force=force)
     files = sorted((p for p in out.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
-    main = ", ".join(f"{p.relative_to(out)} {p.stat().st_size / 2**20:.2f} MiB" for p in files[:3])
-    console.print(f"wrote {out}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB "
-                  f"(largest: {main}; `minicpm-edge inspect --verify {out}` checks them)")
+    total = sum(p.stat().st_size for p in files)
+    main = ", ".join(f"{p.relative_to(out)} {p.stat().st_size / 2**20:.2f} MiB" for p in files[:3]
+                     if p.stat().st_size >= total / 20)  # the files that hold the weights
+    console.print(f"wrote {out}: {len(files)} files, {total / 2**20:.1f} MiB ({main}; "
+                  f"`minicpm-edge inspect --verify {out}` checks them)")
 
 
 @bench_app.command("run")

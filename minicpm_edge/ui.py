@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
+from rich.text import Text
 
 from .errors import UserError
 
@@ -44,9 +45,21 @@ console = make_console()
 err = make_console(stderr=True)
 
 
+class _Table(Table):
+    """A rich Table whose title is a line of its own above it: rich wraps a title to the table's width."""
+
+    heading: str | None = None
+
+    def __rich_console__(self, console, options):
+        if self.heading:
+            yield Text(self.heading, style="italic")
+        yield from super().__rich_console__(console, options)
+
+
 def table(*columns: str, title: str | None = None) -> Table:
-    """A table whose cells fold on a narrow terminal rather than being cut short."""
-    t = Table(title=title)
+    """A table whose cells fold on a narrow terminal rather than being cut short, its title one whole line."""
+    t = _Table()
+    t.heading = title
     for c in columns:
         t.add_column(c, overflow="fold")
     return t

@@ -16,9 +16,12 @@ from .ui import console, err, out_for, table, write_json, writing
 BUNDLED_MODEL = BUNDLED_TOKENIZER.parent
 JSON_HELP = "Also write the results as JSON to this file (- for standard output; the tables then go to stderr)."
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode None: click's plain help and usage errors, which wrap words but never cut an option name short
+# (typer's rich boxes truncate them at 40 columns, and wrap at 80 in a log)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MiniCPM checkpoints in, int4 artifacts for Android and iOS out, with proof that quality held.")
-bench_app = typer.Typer(no_args_is_help=True, help="Tokens/s here, device kits for phones, and ingest of their results.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Tokens/s here, device kits for phones, and ingest of their results.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -365,11 +368,29 @@ def inspect(
     console.print(t)
 
 
+def _fail(message: str, code: int = 2):
+    message = " ".join(str(message).split("\n"))  # one line, whatever a message quotes from a file
+    err.print(f"error: {message}", soft_wrap=True)
+    raise SystemExit(code)
+
+
 def run() -> None:
-    """Console entry point: UserError becomes one line on stderr and exit status 2."""
+    """Console entry point: bad input (a UserError, or a misspelt option or value) is one line on stderr, exit 2."""
+    import sys
+
+    click = sys.modules[typer.BadParameter.__module__]  # click's exceptions, as the typer in use has them
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
     except UserError as e:
-        message = " ".join(str(e).split("\n"))  # one line, whatever a message quotes from a file
-        err.print(f"error: {message}", soft_wrap=True)
-        raise SystemExit(2) from None
+        _fail(str(e))
+    except click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # the verb's help, asked for by giving nothing
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        where = e.ctx.command_path if e.ctx else "minicpm-edge"
+        _fail(f"{e.format_message()} (see '{where} --help')", e.exit_code)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except click.Abort:
+        _fail("aborted", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -91,3 +91,27 @@ def test_inspect_bad_input_is_one_line(tmp_path, setup, message):
 def test_inspect_missing_dir(tmp_path):
     r = cli("inspect", tmp_path / "nope")
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("quantize", "--bitz", "3"), "No such option: --bitz"),
+    (("quantize", "--bits", "x"), "Invalid value for '--bits'"),
+    (("export",), "Missing argument"),
+    (("export", "ckpt", "--target", "watch"), "Invalid value for '--target'"),
+])
+def test_usage_errors_are_one_line(args, message):
+    r = cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "--help" in lines[0]
+
+
+def test_help_keeps_option_names_whole_at_any_width():
+    import os
+
+    for columns in ("40", "300"):
+        r = subprocess.run([sys.executable, "-m", "minicpm_edge", "quantize", "--help"], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": columns})
+        assert r.returncode == 0
+        for opt in ("--group-size", "--nsamples", "--static-groups", "--compute"):
+            assert opt in r.stdout, (columns, opt)

@@ -130,17 +130,20 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
 def rope_factors(c) -> dict:
     """llama.cpp's per-frequency divisors, {"short": f32 [head_dim/2], "long": ...}, or {} for plain rotary.
 
-    llama.cpp (get_rope_factors) uses the long list when its context n_ctx exceeds
-    rope.scaling.original_context_length and the short one otherwise. For MiniCPMForCausalLM the list follows OpenBMB
-    (docs/ROPE.md): the long one everywhere when max_position_embeddings > original, so both slots hold it then.
-    Linear and llama3 scalings are fixed divisors too and go in both slots. Dynamic NTK is plain rotary up to
-    max_position_embeddings (context_length), so it writes none."""
+    llama.cpp (get_rope_factors) takes the long list when its context n_ctx exceeds
+    rope.scaling.original_context_length, the short one otherwise: by context size, not sequence length. For
+    MiniCPMForCausalLM the list is fixed by the config up to max_position_embeddings (OpenBMB's rule, docs/ROPE.md),
+    so both slots hold that list and the file is exact up to context_length at any n_ctx. For LlamaForCausalLM
+    (transformers' rule: long past original) the slots hold short and long, as llama.cpp's converter writes them.
+    Linear / llama3 divisors are the same in both slots. Dynamic NTK is plain rotary up to context_length: none."""
     r = c.rope_scaling
     if r is None or r.kind == "dynamic":
         return {}
-    orig = r.original_max_position_embeddings or c.max_position_embeddings
-    return {"long": rope.frequency_factors(c, max(orig, c.max_position_embeddings) + 1),
-            "short": rope.frequency_factors(c, min(orig, c.exact_context))}
+    if r.kind == "longrope" and r.selection == "transformers":
+        orig = r.original_max_position_embeddings
+        return {"long": rope.frequency_factors(c, orig + 1), "short": rope.frequency_factors(c, orig)}
+    fixed = rope.frequency_factors(c, c.max_position_embeddings)
+    return {"long": fixed, "short": fixed}
 
 
 def check_exportable(ckpt: Checkpoint) -> object:

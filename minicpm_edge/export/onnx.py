@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, save_model
 from ..artifact import staging
 from ..errors import UserError
 from ..model import Checkpoint
-from ..model import rope
+from ..model import rope as rotary
 from ..model.config import ModelConfig
 from ..model.tokenizer import CHAT_TEMPLATE, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
@@ -235,11 +235,11 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
 
     # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them for the exact context (the
     # frequencies of the checkpoint's rope scaling, fixed: docs/ROPE.md); cos/sin carry LongRoPE's attention factor
-    inv = rope.inverse_frequencies(cfg, cfg.exact_context).numpy()
+    inv = rotary.inverse_frequencies(cfg, cfg.exact_context).numpy()
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2])),
                  g.const(inv.astype(np.float32), np.float32))
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-    factor = rope.attention_factor(cfg)
+    factor = rotary.attention_factor(cfg)
     cos, sin = scaled(g.op("Cos", angles), factor), scaled(g.op("Sin", angles), factor)
 
     # additive mask [B, 1, 1, T, S]: key slot j is visible to query t when j <= past + t and attention_mask[j] is 1

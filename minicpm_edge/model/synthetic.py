@@ -124,13 +124,18 @@ def _tensors(cfg: dict, gen: torch.Generator, dtype: torch.dtype):
 
 
 def write_synthetic(kind: str, out: Path, layers: int | None = None, seed: int = 0,
-                    shard_mb: int = 1024, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a sharded safetensors checkpoint with `kind`'s shapes (optionally fewer layers); returns `out`."""
+                    shard_mb: int = 1024, dtype: torch.dtype = torch.bfloat16, vocab: int | None = None) -> Path:
+    """Write a sharded safetensors checkpoint with `kind`'s shapes (optionally fewer layers, or fewer embedding rows
+    than the real vocabulary: every other width stays real); returns `out`."""
     if kind not in SHAPES:
         raise UserError(f"unknown synthetic model {kind!r}; choose from {', '.join(SHAPES)}")
     cfg = dict(SHAPES[kind])
     if layers is not None:
         cfg["num_hidden_layers"] = layers
+    if vocab is not None:
+        if vocab < 4096:
+            raise UserError(f"--vocab {vocab}: the bundled tokenizer needs at least 4096 rows")
+        cfg["vocab_size"] = vocab
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -189,8 +194,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-mb", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=None, help="fewer embedding rows than the real vocabulary")
     a = ap.parse_args(argv)
-    print(write_synthetic(a.kind, a.out, a.layers, a.seed, a.shard_mb))
+    print(write_synthetic(a.kind, a.out, a.layers, a.seed, a.shard_mb, vocab=a.vocab))
 
 
 if __name__ == "__main__":

@@ -359,7 +359,8 @@ def inspect(
     cfg = table("key", "value", title="config")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "hidden_act", "hidden_act_param", "rope_theta", "rms_norm_eps",
-              "max_position_embeddings", "scale_emb", "scale_depth", "dim_model_base"):
+              "max_position_embeddings", "scale_emb", "scale_depth", "dim_model_base", "use_mup", "rope_scaling",
+              "sparse_config"):
         cfg.add_row(k, str(c[k]))
     console.print(cfg)
     t = table("tensor", "shape", "count", title="tensors")

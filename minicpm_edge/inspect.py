@@ -36,6 +36,7 @@ def summarize(path: str | Path) -> dict:
             "dtypes": dict(dtypes),
             "tensors": {k: {"shape": s, "count": n} for k, (s, n) in shapes.items()},
             "tied": c.tie_word_embeddings,
+            "notes": c.notes(),  # rotary scaling, the context within which exports are exact, sparse attention
             "quantization": _quant(ckpt),
             "tokenizer": str(ckpt.tokenizer_path) if ckpt.tokenizer_path else None,
         }

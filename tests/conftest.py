@@ -16,14 +16,14 @@ TINY = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "vocab
 def random_state(cfg: dict, seed: int = 0, lm_head: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = h // cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
+    d = cfg.get("kv_channels") or cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
     sd = {"model.embed_tokens.weight": torch.randn(v, h, generator=g) * 0.1,
           "model.norm.weight": 1 + 0.3 * torch.randn(h, generator=g)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
                             ("mlp.down_proj", (h, inter))):
             sd[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
         for name in ("input_layernorm", "post_attention_layernorm"):

@@ -34,13 +34,37 @@ def test_llama_format_has_no_runtime_mup_scales():
     assert (c.embedding_scale, c.residual_scale, c.logit_scale) == (1.0, 1.0, 1.0)
 
 
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32,
+            "original_max_position_embeddings": 4096}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3"}, "unsupported architecture"),
     ({"q_lora_rank": 768, "kv_lora_rank": 256}, "MiniCPM3"),
     ({"num_experts": 8}, "mixture-of-experts"),
     ({"architectures": ["MiniCPMV"], "model_type": "minicpmv"}, "unsupported architecture"),
     ({"query_num": 64}, "MiniCPM-V"),
-    ({"rope_scaling": {"rope_type": "longrope"}}, "rope_scaling 'longrope'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope"}}, "original_max_position_embeddings"),
+    ({"rope_scaling": LONGROPE | {"short_factor": [1.0] * 31}}, "head_dim/2 = 32 numbers, got 31"),
+    ({"rope_scaling": LONGROPE | {"long_factor": [1.0] * 31 + [0.0]}}, "positive finite"),
+    ({"rope_scaling": LONGROPE | {"long_factor": [1.0] * 31 + [True]}}, "positive finite"),
+    ({"rope_scaling": LONGROPE | {"original_max_position_embeddings": 8192}}, "below rope_scaling's original"),
+    ({"rope_scaling": {"type": "dynamic"}}, "needs factor"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 0.5}}, "needs factor, a number >= 1"),
+    ({"rope_scaling": "longrope"}, "must be an object"),
+    ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm"}, "MiniCPM3 (multi-head latent attention) is "
+                                                                          "not yet supported"),
+    ({"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm3"}, "contradict"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "minicpm"}, "contradict"),
+    ({"architectures": ["MiniCPMMoEForCausalLM"]}, "MiniCPM-MoE-8x2B"),
+    ({"num_experts": 8, "num_experts_per_tok": 2}, "MiniCPM-MoE-8x2B"),
+    ({"architectures": ["MiniCPMSALAForCausalLM"], "model_type": "minicpm_sala"}, "MiniCPM-SALA"),
+    ({"lightning_nh": 32, "lightning_head_dim": 128}, "MiniCPM-SALA"),
+    ({"architectures": ["MiniCPMO"], "model_type": "minicpmo"}, "MiniCPM-o"),
+    ({"vision_config": {"hidden_size": 1152}}, "MiniCPM-V"),
+    ({"use_mup": "yes"}, "use_mup must be true or false"),
+    ({"kv_channels": 0}, "kv_channels must be"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"num_key_value_heads": 5}, "not a multiple"),
     ({"hidden_size": 2300}, "num_attention_heads"),
@@ -63,3 +87,44 @@ def test_missing_key():
     del cfg["intermediate_size"]
     with pytest.raises(UserError, match="missing required key.*intermediate_size"):
         parse_config(cfg)
+
+
+def test_longrope_and_dynamic_parse():
+    c = parse_config({**SHAPES["minicpm-2b"], "rope_scaling": {**LONGROPE, "rope_type": None, "type": "longrope"},
+                      "max_position_embeddings": 8192}, has_lm_head=False)
+    r = c.rope_scaling
+    assert r.kind == "longrope" and r.original_max_position_embeddings == 4096 and r.selection == "openbmb"
+    assert r.short_factor == (1.0,) * 32 and r.long_factor == (2.0,) * 32
+    notes = c.notes()["rope_scaling"]
+    assert math.isclose(notes["attention_factor"], math.sqrt(1 + math.log(2) / math.log(4096)))
+    assert notes["list_used"] == "long" and c.exact_context == 8192  # OpenBMB: long list at every length
+    d = parse_config({**SHAPES["minicpm-2b"], "rope_scaling": {"type": "dynamic", "factor": 4.0}}, has_lm_head=False)
+    assert d.rope_scaling.kind == "dynamic" and d.rope_scaling.factor == 4.0 and d.exact_context == 4096
+    # a llama-format checkpoint is run by transformers, which switches lists by sequence length
+    ll = parse_config({**SHAPES["minicpm-2b"], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                       "rope_scaling": LONGROPE, "max_position_embeddings": 8192}, has_lm_head=True)
+    assert ll.rope_scaling.selection == "transformers" and ll.exact_context == 4096
+    assert parse_config({**SHAPES["minicpm-2b"], "rope_scaling": {"rope_type": "default"}}).rope_scaling is None
+
+
+def test_minicpm4_keys():
+    cfg = {**SHAPES["minicpm-1b"], "kv_channels": 128, "use_mup": False, "mup_denominator": 32,
+           "sparse_config": {"dense_len": 8192, "topk": 64}}
+    c = parse_config(cfg, has_lm_head=True)
+    assert c.head_dim == 128 and c.head_dim * c.num_attention_heads != c.hidden_size
+    assert (c.embedding_scale, c.residual_scale, c.logit_scale) == (1.0, 1.0, 1.0)
+    assert not c.tie_word_embeddings
+    assert "dense_len = 8192" in c.notes()["sparse_attention"]
+    with_mup = parse_config({**cfg, "use_mup": True}, has_lm_head=True)
+    assert with_mup.embedding_scale == 12 and with_mup.logit_scale == 6
+
+
+def test_published_family_configs_parse():
+    for kind, (arch, head_dim, tied, rope) in {
+            "minicpm4-0.5b": ("minicpm", 64, True, "longrope"), "minicpm4-8b": ("minicpm", 128, False, "longrope"),
+            "minicpm4.1-8b": ("minicpm", 128, False, "longrope"), "minicpm-2b-128k": ("minicpm", 64, False, "dynamic"),
+            "minicpm5-1b": ("llama", 128, False, None)}.items():
+        c = parse_config(SHAPES[kind], has_lm_head=not tied)
+        assert (c.arch, c.head_dim, c.tie_word_embeddings) == (arch, head_dim, tied), kind
+        assert (c.rope_scaling.kind if c.rope_scaling else None) == rope, kind
+    assert parse_config(SHAPES["minicpm4-8b"], has_lm_head=True).sparse_config["dense_len"] == 8192

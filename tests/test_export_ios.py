@@ -255,3 +255,66 @@ def test_existing_output_needs_force(ios, bundled_gptq):
     with pytest.raises(UserError, match="exists; add --force"):
         export_ios(bundled_gptq, ios)
     assert (ios / "manifest.json").read_text() == before
+
+
+# -- rotary scalings and MiniCPM4 keys in llama.cpp (docs/ROPE.md) ----------------------------------------------------
+def longrope(original):
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(16)],
+            "long_factor": [1.0 + 1.5 * i for i in range(16)], "original_max_position_embeddings": original}
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
+ROPE_CASES = {  # the bundled model's shape: max_position_embeddings 1024, head_dim 32; llama.cpp runs with n_ctx 2048
+    "longrope-short": {"rope_scaling": longrope(1024)},  # max_pos == original: short list, attention factor 1
+    "longrope-long": {"rope_scaling": longrope(64)},  # OpenBMB: long list at every length, attention factor 1.29
+    "longrope-llama": {**LLAMA, "rope_scaling": longrope(64)},  # llama.cpp's long slot (n_ctx > 64), sequence > 64
+    "dynamic": {"rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 4.0}},
+    "llama3": {**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "minicpm4-keys": {"kv_channels": 64, "use_mup": False, "tie_word_embeddings": False,
+                      "sparse_config": {"dense_len": 8192}},
+    "head-dim-llama": {**LLAMA, "head_dim": 64},
+}
+
+
+def rope_gguf(tmp_path, name):
+    src = small_variant(tmp_path / name, **ROPE_CASES[name])
+    return src, export_ios(src, tmp_path / f"{name}-ios", dtype="f32", embedding="f32")
+
+
+@pytest.mark.parametrize("name", ROPE_CASES)
+def test_rope_scaling_and_head_size_run_in_llama_cpp(tmp_path, name):
+    src, out = rope_gguf(tmp_path, name)
+    r = gguf.GGUFReader(gguf_file(out))
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    c = Checkpoint(src).config
+    assert field(r, "minicpm.context_length") == c.exact_context
+    if name.startswith("longrope") or name == "llama3":
+        assert kinds["rope_factors_long.weight"] == kinds["rope_factors_short.weight"] == G.QT.F32
+        assert field(r, "minicpm.rope.scaling.type") == "longrope"
+        factors = {t.name: np.asarray(t.data) for t in r.tensors if t.name.startswith("rope_factors")}
+        same = name != "longrope-llama"  # OpenBMB's fixed list in both slots; the llama-format file switches lists
+        assert np.array_equal(factors["rope_factors_long.weight"], factors["rope_factors_short.weight"]) == same
+    else:
+        assert not any(n.startswith("rope_factors") for n in kinds)
+    if name.startswith("longrope"):
+        assert field(r, "minicpm.rope.scaling.original_context_length") == (1024 if "short" in name else 64)
+        assert abs(field(r, "minicpm.rope.scaling.attn_factor") - G.rope.attention_factor(c)) < 1e-6
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        assert field(r, "minicpm.attention.key_length") == field(r, "minicpm.attention.value_length") == 64
+    assert ("output.weight" in kinds) == (not c.tie_word_embeddings)
+    assert json.loads((out / "export.json").read_text())["model"]["exact_context"] == c.exact_context
+    ids = Tokenizer(src / "tokenizer.model").encode(TEXT * 2)
+    assert len(ids) > 64  # past original (64): the long regime of longrope-llama
+    a, b = open_runner(src).logits(ids), open_runner(out).logits(ids)
+    assert np.abs(a - b).max() < 5e-3 * np.abs(a).max()
+
+
+def test_llama_cpp_applies_the_attention_factor(tmp_path, monkeypatch):
+    """Written without rope.scaling.attn_factor's value (1 instead of 1.29), llama.cpp's output is visibly off."""
+    src = small_variant(tmp_path / "m", rope_scaling=longrope(64))
+    ids = Tokenizer(src / "tokenizer.model").encode(TEXT)
+    a = open_runner(src).logits(ids)
+    monkeypatch.setattr(G.rope, "attention_factor", lambda c: 1.0)
+    out = export_ios(src, tmp_path / "ios", dtype="f32", embedding="f32")
+    assert np.abs(a - open_runner(out).logits(ids)).max() > 5e-2 * np.abs(a).max()

@@ -324,6 +324,35 @@ def test_llama_format_untied_model(tmp_path):
     assert np.abs(ours - same).max() <= 1e-4 * np.abs(same).max()
 
 
+def test_dynamic_ntk_and_use_mup_false(tmp_path):
+    """MiniCPM-2B-128k's dynamic NTK is plain rotary within max_position_embeddings, which bounds the context window;
+    use_mup false gets mlc's neutral factors. mlc's own graph (as mlc_forward reads the files) equals our forward."""
+    src = small_variant(tmp_path / "src", rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 4.0},
+                        use_mup=False)
+    gptq = quantized(src, tmp_path / "gptq", method="rtn")
+    out = export_mlc(gptq, tmp_path / "out", layout="q4f16_0")
+    folder = model_dir(out)
+    cfg = json.loads((folder / "mlc-chat-config.json").read_text())["model_config"]
+    assert cfg["scale_emb"] == 1 and cfg["dim_model_base"] == cfg["hidden_size"] and cfg["rope_theta"] == 1e6
+    info = json.loads((out / "export.json").read_text())
+    assert info["model"]["exact_context"] == 1024 and info["context_window_size"] <= 1024
+    ids = prompt_ids(gptq)
+    ours, same = mlc_forward(folder, ids), torch_logits(Checkpoint(gptq), ids, folder)
+    assert np.abs(ours - same).max() <= 1e-4 * np.abs(same).max()
+    _refused(gptq, tmp_path / "o", "max_position_embeddings 1024 \\(the context within which", context_window=2048)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [1.0] * 16,
+                       "original_max_position_embeddings": 1024}}, "rope_scaling longrope is ignored by mlc-llm"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+      "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling linear is ignored"),
+    ({"kv_channels": 64}, "head_dim 64 x 4 heads differs from hidden_size 128"),
+])
+def test_rope_scaling_and_head_size_refused(tmp_path, overrides, match):
+    _refused(small_variant(tmp_path / "src", **overrides), tmp_path / "out", match)
+
+
 def test_chat_config(exports):
     src, out = exports["gqa", "q4f16_0"]
     folder, ckpt = model_dir(out), Checkpoint(src)

@@ -27,6 +27,8 @@ from minicpm_edge.runtimes.torch import TorchRunner
 
 TOL = 1e-4
 IDS = [1, 1716, 317, 324, 662, 263, 678, 45, 300, 800, 1200, 17, 99, 3000, 5, 6, 7, 2048, 12, 4000]
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(16)],
+            "long_factor": [1.0 + 1.5 * i for i in range(16)], "original_max_position_embeddings": 64}
 # small_variant(config overrides), quantized(options): every branch of the exporter
 VARIANTS = {
     "mha": ({}, {}),
@@ -36,6 +38,16 @@ VARIANTS = {
     "llama-format": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}, {}),
     "8bit-per-channel": ({}, {"bits": 8, "group_size": -1, "method": "rtn"}),
     "2bit-asym": ({}, {"bits": 2, "sym": False, "method": "rtn"}),
+    # rotary scalings and MiniCPM4 keys (docs/ROPE.md): OpenBMB's long list + attention factor 1.29, transformers'
+    # short list for a llama-format checkpoint, dynamic NTK (plain within max_position_embeddings), head size != hidden/heads
+    "longrope": ({"rope_scaling": LONGROPE}, {}),
+    "longrope-llama": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+                        "rope_scaling": LONGROPE}, {}),
+    "dynamic": ({"rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 4.0}}, {}),
+    "minicpm4-keys": ({"kv_channels": 64, "use_mup": False, "tie_word_embeddings": False,
+                       "sparse_config": {"dense_len": 8192}}, {}),
+    "head-dim-llama": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+                        "head_dim": 64}, {}),
 }
 
 
@@ -293,3 +305,15 @@ def test_runner_refuses_bad_folders(tmp_path):
               str(tmp_path / "model.onnx"))
     with pytest.raises(UserError, match="not a decoder"):
         OnnxRunner(tmp_path)
+
+
+def test_rope_scaling_is_recorded_and_changes_the_graph(exported, gptq):
+    info = json.loads((exported("longrope") / "export.json").read_text())["model"]
+    assert info["rope_scaling"]["list_used"] == "long" and info["exact_context"] == 1024
+    assert abs(info["rope_scaling"]["attention_factor"] - (1 + 4 / 6) ** 0.5) < 1e-9  # s = 1024 / 64 = 2^4, 64 = 2^6
+    genai = json.loads((exported("longrope-llama") / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 64  # transformers switches lists past original: exact up to it
+    assert "dense_len = 8192" in json.loads((exported("minicpm4-keys") / "export.json").read_text())["model"][
+        "sparse_attention"]
+    plain = TorchRunner(gptq("mha"), threads=1).logits(IDS)
+    assert np.abs(OnnxRunner(exported("longrope"), threads=1).logits(IDS) - plain).max() > 100 * TOL

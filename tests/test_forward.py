@@ -6,29 +6,52 @@ import pytest
 import torch
 from transformers import GraniteConfig, GraniteForCausalLM
 
+import numpy as np
+
 from conftest import TINY, random_state, write_checkpoint
-from minicpm_edge.model import Checkpoint, load_layer, load_model
+from minicpm_edge.model import Checkpoint, load_layer, load_model, parse_config
 from minicpm_edge.model.forward import rope_tables
 
 MHA = {**TINY, "num_key_value_heads": 4}
 GQA = TINY
 
 
-def granite(cfg: dict, state: dict, residual_multiplier=None) -> GraniteForCausalLM:
+def granite(cfg: dict, state: dict, residual_multiplier=None, rope_parameters=None) -> GraniteForCausalLM:
+    """transformers' Granite with MiniCPM's muP mapping (the factors 1 when use_mup is false), head size, untied head
+    and rope scaling taken from a MiniCPM config dict."""
     L, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    mup = cfg.get("use_mup", True)
+    head_dim = cfg.get("kv_channels") or h // cfg["num_attention_heads"]
+    tied = cfg.get("tie_word_embeddings", True)
+    rope = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        rope = {**rope, **scaling, "rope_type": scaling.get("rope_type") or scaling["type"]}
+        rope.pop("type", None)
     g = GraniteConfig(
         vocab_size=cfg["vocab_size"], hidden_size=h, intermediate_size=cfg["intermediate_size"], num_hidden_layers=L,
         num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
-        rms_norm_eps=cfg["rms_norm_eps"], rope_theta=10000.0, max_position_embeddings=512, hidden_act="silu",
-        embedding_multiplier=float(cfg["scale_emb"]),
-        residual_multiplier=residual_multiplier or cfg["scale_depth"] / math.sqrt(L),
-        logits_scaling=h / cfg["dim_model_base"], attention_multiplier=1 / math.sqrt(h // cfg["num_attention_heads"]),
-        tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+        rms_norm_eps=cfg["rms_norm_eps"], rope_parameters=rope_parameters or rope,
+        max_position_embeddings=cfg.get("max_position_embeddings", 512), hidden_act="silu",
+        embedding_multiplier=float(cfg["scale_emb"]) if mup else 1.0,
+        residual_multiplier=residual_multiplier or (cfg["scale_depth"] / math.sqrt(L) if mup else 1.0),
+        logits_scaling=h / cfg["dim_model_base"] if mup else 1.0, attention_multiplier=1 / math.sqrt(head_dim),
+        head_dim=head_dim, tie_word_embeddings=tied, attention_bias=False, mlp_bias=False)
     model = GraniteForCausalLM(g).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    model.tie_weights()
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set())
+    if tied:
+        model.tie_weights()
     return model
+
+
+def logits_pair(tmp_path, cfg, T, seed=1, **granite_kw):
+    """(ours, Granite's) logits on the same random ids of length T."""
+    state = random_state(cfg, seed=seed, lm_head=cfg.get("tie_word_embeddings") is False)
+    ours = load_model(Checkpoint(write_checkpoint(tmp_path / f"m{T}", cfg, state)))
+    ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ours(ids)[0], granite(cfg, state, **granite_kw)(ids).logits
 
 
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["MHA", "GQA"])
@@ -100,3 +123,99 @@ def test_llama_format_equals_minicpm_with_folded_scales(tmp_path):
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (minicpm(ids)[0] - llama(ids)[0]).abs().max().item() < 1e-4
+
+
+# -- rope scaling, MiniCPM4 keys: against transformers' Granite (longrope / dynamic) and a numpy OpenBMB reference ----
+SHORT = [1.0 + 0.05 * i for i in range(8)]  # head_dim 16 -> 8 values each; the two lists differ a lot
+LONG = [1.0 + 1.5 * i for i in range(8)]
+
+
+def longrope(max_pos, original):
+    return {**TINY, "max_position_embeddings": max_pos, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
+        "original_max_position_embeddings": original}}
+
+
+@pytest.mark.parametrize("max_pos, original, T", [
+    (64, 64, 40),    # short regime: both use short_factor, attention factor 1
+    (128, 64, 100),  # long regime: both use long_factor, attention factor sqrt(1 + ln 2 / ln 64)
+    (64, 64, 80),    # past max_position_embeddings: OpenBMB regrows its cache with long_factor, transformers too
+], ids=["short", "long", "beyond-max-pos"])
+def test_longrope_matches_granite(tmp_path, max_pos, original, T):
+    cfg = longrope(max_pos, original)
+    a, b = logits_pair(tmp_path, cfg, T)
+    assert a.abs().max() > 0.5
+    assert (a - b).abs().max().item() <= 1e-4
+    # the list matters: the same model with the lists swapped is visibly different
+    swapped = {**cfg["rope_scaling"], "short_factor": LONG, "long_factor": SHORT}
+    _, c = logits_pair(tmp_path / "swap", {**cfg, "rope_scaling": swapped}, T)
+    assert (a - c).abs().max().item() > 1e-2
+
+
+def openbmb_tables(cfg, seq_len):
+    """cos/sin as OpenBMB's MiniCPMLongRoPE computes them (numpy, float64): a cache of max(max_pos, seq_len) rows,
+    long_factor when that exceeds original, cos/sin times sqrt(1 + ln(max_pos / original) / ln(original))."""
+    r, d = cfg["rope_scaling"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    max_pos, orig = cfg["max_position_embeddings"], r["original_max_position_embeddings"]
+    inv = 1.0 / (10000.0 ** (np.arange(0, d, 2) / d))
+    cache = max(max_pos, seq_len)
+    ext = np.array(r["long_factor"] if cache > orig else r["short_factor"])
+    freqs = np.outer(np.arange(cache), 1.0 / ext) * inv
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    scale = math.sqrt(1 + math.log(max_pos / orig) / math.log(orig))
+    return np.cos(emb)[:seq_len] * scale, np.sin(emb)[:seq_len] * scale
+
+
+def test_longrope_openbmb_regime_differs_from_transformers(tmp_path):
+    """max_pos > original, sequence <= original: OpenBMB uses long_factor, transformers short_factor. Ours follows
+    OpenBMB: checked against Granite running on the numpy OpenBMB tables instead of its own rotary."""
+    cfg, T = longrope(128, 64), 40
+    cos, sin = openbmb_tables(cfg, T)
+    ours_cos, ours_sin = rope_tables(parse_config(cfg), torch.arange(T))
+    assert np.abs(ours_cos.numpy() - cos).max() < 1e-4 and np.abs(ours_sin.numpy() - sin).max() < 1e-4
+    state = random_state(cfg, seed=1)
+    ours = load_model(Checkpoint(write_checkpoint(tmp_path / "m", cfg, state)))
+    ref = granite(cfg, state)
+    ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(ids)[0]
+        transformers_logits = ref(ids).logits
+        table = (torch.tensor(cos, dtype=torch.float32), torch.tensor(sin, dtype=torch.float32))
+        ref.model.rotary_emb.forward = lambda x, position_ids, *args, **kw: (table[0][position_ids], table[1][position_ids])
+        b = ref(ids).logits
+    assert (a - b).abs().max().item() <= 1e-4
+    assert (a - transformers_logits).abs().max().item() > 1e-2  # the two rules really differ here
+
+
+def test_longrope_attention_factor_and_kv_cache(tmp_path):
+    cfg = longrope(1024, 512)
+    assert round(rope_tables(parse_config(cfg), torch.arange(1))[0][0, 0].item(), 3) == 1.054  # cos(0) x factor
+    model = load_model(Checkpoint(write_checkpoint(tmp_path / "m", longrope(128, 64), random_state(TINY))))
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        a, past = model(ids[:, :20])
+        b, _ = model(ids[:, 20:], past, start=20)
+    assert (torch.cat([a, b], 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("T", [24, 48], ids=["within-max-pos", "beyond-max-pos"])
+def test_dynamic_ntk_matches_granite(tmp_path, T):
+    cfg = {**TINY, "max_position_embeddings": 32, "rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 4.0}}
+    a, b = logits_pair(tmp_path, cfg, T)
+    assert (a - b).abs().max().item() <= 1e-4
+    plain, _ = logits_pair(tmp_path / "plain", {**cfg, "rope_scaling": None}, T)
+    if T <= 32:  # exact plain rotary up to max_position_embeddings
+        assert (a - plain).abs().max().item() < 1e-5
+    else:
+        assert (a - plain).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("use_mup", [True, False])
+def test_minicpm4_head_dim_untied_mup_switch(tmp_path, use_mup):
+    """kv_channels (head size != hidden / heads), an untied head with muP, and use_mup false (all factors 1)."""
+    cfg = {**TINY, "kv_channels": 32, "tie_word_embeddings": False, "use_mup": use_mup, "mup_denominator": 8}
+    a, b = logits_pair(tmp_path, cfg, 20)
+    assert a.abs().max() > 0.5 and (a - b).abs().max().item() <= 1e-4
+    other, _ = logits_pair(tmp_path / "other", {**cfg, "use_mup": not use_mup}, 20)
+    assert (a - other).abs().max().item() > 1e-2

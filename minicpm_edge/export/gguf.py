@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model import Checkpoint
+from ..model import Checkpoint, rope
 from ..model.checkpoint import LINEARS
 from ..model.tokenizer import CHAT_TEMPLATE
 
@@ -101,6 +101,8 @@ class Plan:
                 self.add(f"blk.{i}.{NAMES[m]}.weight", ckpt.linear_shape(prefix), linear_type,
                          lambda prefix=prefix, heads=heads: linear(ckpt, prefix, heads, linear_type))
         self.add("output_norm.weight", (c.hidden_size,), QT.F32, lambda: ckpt.final_norm())
+        for slot, factors in rope_factors(c).items():
+            self.add(f"rope_factors_{slot}.weight", (c.head_dim // 2,), QT.F32, lambda f=factors: f)
         if not c.tie_word_embeddings:
             self.add("output.weight", ckpt.shape("lm_head.weight"), embedding_type, lambda: ckpt.lm_head(None))
 
@@ -123,6 +125,25 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
         return q4_blocks(codes, scales, zeros if qtype == QT.Q4_1 else None)
     w = ckpt.tensor(prefix + ".weight")
     return w[permute_rows(w.shape[0], heads)] if heads else w
+
+
+def rope_factors(c) -> dict:
+    """llama.cpp's per-frequency divisors, {"short": f32 [head_dim/2], "long": ...}, or {} for plain rotary.
+
+    llama.cpp (get_rope_factors) takes the long list when its context n_ctx exceeds
+    rope.scaling.original_context_length, the short one otherwise: by context size, not sequence length. For
+    MiniCPMForCausalLM the list is fixed by the config up to max_position_embeddings (OpenBMB's rule, docs/ROPE.md),
+    so both slots hold that list and the file is exact up to context_length at any n_ctx. For LlamaForCausalLM
+    (transformers' rule: long past original) the slots hold short and long, as llama.cpp's converter writes them.
+    Linear / llama3 divisors are the same in both slots. Dynamic NTK is plain rotary up to context_length: none."""
+    r = c.rope_scaling
+    if r is None or r.kind == "dynamic":
+        return {}
+    if r.kind == "longrope" and r.selection == "transformers":
+        orig = r.original_max_position_embeddings
+        return {"long": rope.frequency_factors(c, orig + 1), "short": rope.frequency_factors(c, orig)}
+    fixed = rope.frequency_factors(c, c.max_position_embeddings)
+    return {"long": fixed, "short": fixed}
 
 
 def check_exportable(ckpt: Checkpoint) -> object:
@@ -168,14 +189,22 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     w.add_name(name or ckpt.dir.name)
     w.add_file_type(FILE_TYPES[linear_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(c.max_position_embeddings)
+    w.add_context_length(c.exact_context)  # exact up to here (dynamic NTK: plain rotary up to max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_dimension_count(c.head_dim)
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_rope_freq_base(c.rope_theta)
+    if rope_factors(c):
+        r = c.rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)  # cos/sin times attn_factor, frequencies / factors
+        w.add_rope_scaling_orig_ctx_len(r.original_max_position_embeddings or c.max_position_embeddings)
+        w.add_rope_scaling_attn_factors(rope.attention_factor(c))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     # all three, always: llama.cpp's defaults for missing scales are not MiniCPM's values
     w.add_embedding_scale(c.embedding_scale)
@@ -218,4 +247,4 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     w.close()
     return {"file": path.name, "type": linear_type.name, "embedding": EMBEDDINGS[embedding].name,
             "tensors": len(plan.items), "tokenizer_normalizer": tok["normalizer"],
-            "tokenizer_faithful_in_llama_cpp": tok["faithful"]}
+            "tokenizer_faithful_in_llama_cpp": tok["faithful"], "model": c.notes()}

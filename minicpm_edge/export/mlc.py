@@ -150,6 +150,14 @@ def check_exportable(ckpt: Checkpoint) -> None:
     if c.hidden_act != "silu":
         raise UserError(f"{where}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by mlc-llm's minicpm "
                         "model, which hard-codes SiLU; export --target onnx runs this model")
+    r = c.rope_scaling
+    if r is not None and r.kind != "dynamic":
+        raise UserError(f"{where}: rope_scaling {r.kind} is ignored by mlc-llm's minicpm model (plain rotary only), "
+                        "which would give a silently wrong model; export --target ios or onnx instead")
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        raise UserError(f"{where}: head_dim {c.head_dim} x {c.num_attention_heads} heads differs from hidden_size "
+                        f"{c.hidden_size}, which mlc-llm's minicpm model asserts against; export --target ios or onnx "
+                        "instead")
     how = "quantise with `minicpm-edge quantize --bits 4 --group-size 32` (symmetric)"
     q = ckpt.quant
     if q is None:
@@ -161,7 +169,7 @@ def check_exportable(ckpt: Checkpoint) -> None:
     if not spec.sym:
         raise UserError(f"{where}: asymmetric GPTQ has no exact q4f16 form (mlc's groups have no zero point); {how}, "
                         "or export --target ios (Q4_1 holds asymmetric codes)")
-    if c.arch == "minicpm" and c.dim_model_base and c.hidden_size % c.dim_model_base:
+    if c.mup and c.dim_model_base and c.hidden_size % c.dim_model_base:
         raise UserError(f"{where}: mlc's minicpm model divides by hidden_size // dim_model_base (integer), which "
                         f"differs from {c.hidden_size} / {c.dim_model_base}; export --target onnx or ios instead")
     for m in LINEARS:
@@ -217,8 +225,9 @@ def source_params(ckpt: Checkpoint) -> int:
 
 
 def muP(c) -> dict:
-    """scale_emb, scale_depth, dim_model_base for mlc's graph; llama-format checkpoints have the factors folded in."""
-    if c.arch != "minicpm":
+    """scale_emb, scale_depth, dim_model_base for mlc's graph (which always applies them); llama-format checkpoints
+    have the factors folded in, and use_mup false has none: both get values that make the three factors 1."""
+    if not c.mup:
         return {"scale_emb": 1, "scale_depth": math.sqrt(c.num_hidden_layers), "dim_model_base": c.hidden_size}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
     return {"scale_emb": num(c.scale_emb), "scale_depth": c.scale_depth,
@@ -270,7 +279,7 @@ def windows(c, context: int | None, chunk: int | None) -> tuple[int, int]:
     chunk = min(128, context) if chunk is None else chunk
     if not 0 < context <= c.max_position_embeddings:
         raise UserError(f"context window {context} must be between 1 and the model's max_position_embeddings "
-                        f"{c.max_position_embeddings}")
+                        f"{c.max_position_embeddings} (the context within which the export is exact)")
     if not 0 < chunk <= context:
         raise UserError(f"prefill chunk {chunk} must be between 1 and the context window {context}")
     return context, chunk
@@ -327,7 +336,7 @@ def export_mlc(checkpoint: Path, out: Path, *, target: str = "android", layout: 
             write_json(tmp / "export.json", {
                 "target": target, "source": str(ckpt.dir), "layout": layout, "model_id": model_id, "model_lib": lib,
                 "device_dir": f"{DEVICE_DIR}/{model_id}", "context_window_size": context, "prefill_chunk_size": chunk,
-                "shards": len(cache.shards), **meta})
+                "shards": len(cache.shards), "model": c.notes(), **meta})
     return out
 
 

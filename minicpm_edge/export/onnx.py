@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, save_model
 from ..artifact import staging
 from ..errors import UserError
 from ..model import Checkpoint
+from ..model import rope as rotary
 from ..model.config import ModelConfig
 from ..model.tokenizer import CHAT_TEMPLATE, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
@@ -72,7 +73,7 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
                     "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                                      "block_size": spec.group_size if spec.group_size != -1 else PER_CHANNEL_BLOCK,
                                      "zero_points": zero_points, "accuracy_level": accuracy_level},
-                    "opset": OPSET, "activations": "float32", "weights": DATA}
+                    "opset": OPSET, "activations": "float32", "weights": DATA, "model": cfg.notes()}
             (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
     return Path(out)
 
@@ -138,12 +139,12 @@ def genai_config(cfg: ModelConfig) -> dict:
                "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
                "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
                "num_key_value_heads": cfg.num_key_value_heads, **io}
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg.max_position_embeddings,
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg.exact_context,
               "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
               "top_k": 1, "top_p": 1.0, "length_penalty": 1.0, "early_stopping": True, "no_repeat_ngram_size": 0,
               "diversity_penalty": 0.0}
     return {"model": {"type": "llama", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                      "pad_token_id": cfg.eos_token_id, "context_length": cfg.max_position_embeddings,
+                      "pad_token_id": cfg.eos_token_id, "context_length": cfg.exact_context,
                       "vocab_size": cfg.vocab_size, "decoder": decoder}, "search": search}
 
 
@@ -232,12 +233,14 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
     embed = g.weight("model.embed_tokens.weight", ckpt.embedding().numpy())
     h = scaled(g.op("Gather", embed, "input_ids", axis=0), cfg.embedding_scale)
 
-    # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them for the exact context (the
+    # frequencies of the checkpoint's rope scaling, fixed: docs/ROPE.md); cos/sin carry LongRoPE's attention factor
+    inv = rotary.inverse_frequencies(cfg, cfg.exact_context).numpy()
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2])),
                  g.const(inv.astype(np.float32), np.float32))
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-    cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+    factor = rotary.attention_factor(cfg)
+    cos, sin = scaled(g.op("Cos", angles), factor), scaled(g.op("Sin", angles), factor)
 
     # additive mask [B, 1, 1, T, S]: key slot j is visible to query t when j <= past + t and attention_mask[j] is 1
     seq = g.op("Shape", "input_ids", start=1, end=2)

@@ -8,8 +8,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .rope import RopeScaling, describe as describe_rope, exact_context, parse_rope_scaling
 
-SUPPORTED = "MiniCPMForCausalLM (MiniCPM-2B, MiniCPM-1B, MiniCPM-S-1B) and LlamaForCausalLM (llama-format MiniCPM)"
+SUPPORTED = ("MiniCPMForCausalLM (MiniCPM-2B, -1B, -S-1B, -2B-128k, MiniCPM4, MiniCPM4.1) and LlamaForCausalLM "
+             "(llama-format MiniCPM, MiniCPM5)")
+CLASSES = {"MiniCPMForCausalLM": "minicpm", "LlamaForCausalLM": "llama"}  # the class to build -> its model_type
+# families refused by name, with the reason: (substring of the class or model_type, lower case, reason)
+FAMILIES = (("minicpm3", "MiniCPM3 (multi-head latent attention) is not yet supported"),
+            ("moe", "mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported"),
+            ("sala", "MiniCPM-SALA (sparse + lightning attention) is not supported"),
+            ("minicpmv", "vision/audio models (MiniCPM-V, MiniCPM-o) are not supported"),
+            ("minicpmo", "vision/audio models (MiniCPM-V, MiniCPM-o) are not supported"))
 ACTIVATIONS = ("silu", "relu", "fatrelu")
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -38,23 +47,49 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     torch_dtype: str = "bfloat16"
+    use_mup: bool = True  # MiniCPM4's switch: false means all three muP factors are 1
+    rope_scaling: RopeScaling | None = None
+    # InfLLM-v2 (MiniCPM4): sparse attention only past sparse_config["dense_len"] tokens; below it attention is the
+    # dense attention computed here, and dense attention is what phones run. Recorded, not applied.
+    sparse_config: dict | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
-    # The three muP factors (FORMATS.md section 0); all 1 for llama-format checkpoints.
+    # The three muP factors (FORMATS.md section 0); all 1 for llama-format checkpoints and for use_mup false.
+    # (MiniCPM4's mup_denominator is read only by its Eagle draft head: it has no effect on this forward.)
+    @property
+    def mup(self) -> bool:
+        return self.arch == "minicpm" and self.use_mup
+
     @property
     def embedding_scale(self) -> float:
-        return self.scale_emb if self.arch == "minicpm" else 1.0
+        return self.scale_emb if self.mup else 1.0
 
     @property
     def residual_scale(self) -> float:
-        return self.scale_depth / math.sqrt(self.num_hidden_layers) if self.arch == "minicpm" else 1.0
+        return self.scale_depth / math.sqrt(self.num_hidden_layers) if self.mup else 1.0
 
     @property
     def logit_scale(self) -> float:
         """Final hidden states are divided by this before the LM head."""
-        if self.arch != "minicpm" or not self.dim_model_base:
+        if not self.mup or not self.dim_model_base:
             return 1.0
         return self.hidden_size / self.dim_model_base
+
+    @property
+    def exact_context(self) -> int:
+        """Context length within which fixed-table exports reproduce this model exactly (docs/ROPE.md)."""
+        return exact_context(self)
+
+    def notes(self) -> dict:
+        """What an artifact records about this model's rotary scaling and sparse attention."""
+        out = {"exact_context": self.exact_context}
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = describe_rope(self)
+        if self.sparse_config is not None:
+            dense = self.sparse_config.get("dense_len")
+            out["sparse_attention"] = (f"InfLLM-v2 sparse_config present: this artifact runs dense attention, exact "
+                                       f"where the checkpoint itself is dense (up to dense_len = {dense} tokens)")
+        return out
 
     @property
     def variant(self) -> str:
@@ -64,6 +99,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("raw")
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = describe_rope(self)
         return d
 
 
@@ -81,22 +118,15 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         raise UserError(f"{source}: architectures must be a list of names, got {archs!r}")
     if model_type is not None and not isinstance(model_type, str):
         raise UserError(f"{source}: model_type must be a name, got {model_type!r}")
-    if "MiniCPMForCausalLM" in archs or model_type == "minicpm":
-        arch = "minicpm"
-    elif "LlamaForCausalLM" in archs or model_type == "llama":
-        arch = "llama"
-    else:
-        name = ", ".join(archs) or model_type or "no architecture"
-        raise UserError(f"{source}: unsupported architecture {name}; supported: {SUPPORTED}")
+    arch = _architecture(archs, model_type, source)
     if cfg.get("q_lora_rank") or cfg.get("kv_lora_rank"):
-        raise UserError(f"{source}: multi-head latent attention (MiniCPM3) is not supported; supported: {SUPPORTED}")
+        raise UserError(f"{source}: multi-head latent attention (MiniCPM3) is not yet supported; supported: {SUPPORTED}")
     if any(cfg.get(k) not in (None, 0, 1) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        raise UserError(f"{source}: mixture-of-experts models are not supported; supported: {SUPPORTED}")
-    if cfg.get("vision_config") or cfg.get("query_num"):
-        raise UserError(f"{source}: vision-language models (MiniCPM-V) are not supported; supported: {SUPPORTED}")
-    if cfg.get("rope_scaling"):
-        kind = cfg["rope_scaling"].get("rope_type") or cfg["rope_scaling"].get("type") if isinstance(cfg["rope_scaling"], dict) else cfg["rope_scaling"]
-        raise UserError(f"{source}: rope_scaling {kind!r} is not implemented; only plain rotary (rope_scaling null) is supported")
+        raise UserError(f"{source}: mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported; supported: {SUPPORTED}")
+    if cfg.get("vision_config") or cfg.get("query_num") or cfg.get("audio_config") or cfg.get("tts_config"):
+        raise UserError(f"{source}: vision/audio models (MiniCPM-V, MiniCPM-o) are not supported; supported: {SUPPORTED}")
+    if any("lightning" in str(k).lower() for k in cfg):
+        raise UserError(f"{source}: lightning (linear) attention (MiniCPM-SALA) is not supported; supported: {SUPPORTED}")
     missing = [k for k in REQUIRED if cfg.get(k) is None]
     if missing:
         raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
@@ -107,9 +137,12 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
 
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     kv_heads = _get(cfg, "num_key_value_heads", heads)
-    head_dim = _number(cfg, "head_dim", hidden // heads, source, int, low=1)
-    if head_dim * heads != hidden:
-        raise UserError(f"{source}: hidden_size {hidden} is not num_attention_heads {heads} x head_dim {head_dim}")
+    # MiniCPM4 names the head size kv_channels; llama-format configs head_dim. Either may differ from hidden/heads.
+    dim_key = "kv_channels" if cfg.get("kv_channels") is not None else "head_dim"
+    if cfg.get(dim_key) is None and hidden % heads:
+        raise UserError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                        "(and no head_dim / kv_channels is given)")
+    head_dim = _number(cfg, dim_key, hidden // heads, source, int, low=1)
     if heads % kv_heads:
         raise UserError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     if head_dim % 2:
@@ -143,6 +176,15 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         cfg = {**cfg, "eos_token_id": eos[0]}  # the first is the one written to the artifacts
     if cfg.get("pad_token_id") is not None:
         _number(cfg, "pad_token_id", 0, source, int, low=0)
+    use_mup = _get(cfg, "use_mup", True)
+    if not isinstance(use_mup, bool):
+        raise UserError(f"{source}: use_mup must be true or false, got {use_mup!r:.60}")
+    sparse = cfg.get("sparse_config")
+    if sparse is not None and not isinstance(sparse, dict):
+        raise UserError(f"{source}: sparse_config must be an object, got {sparse!r:.60}")
+    max_pos = _number(cfg, "max_position_embeddings", 4096, source, int, low=1)
+    rope_scaling = parse_rope_scaling(cfg.get("rope_scaling"), head_dim=head_dim, max_pos=max_pos, arch=arch,
+                                      source=source)
     dtype = _get(cfg, "torch_dtype", "bfloat16")
     if not isinstance(dtype, str):
         raise UserError(f"{source}: torch_dtype must be a name such as bfloat16, got {dtype!r}")
@@ -155,7 +197,7 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=_number(cfg, "max_position_embeddings", 4096, source, int, low=1),
+        max_position_embeddings=max_pos,
         rms_norm_eps=_number(cfg, "rms_norm_eps", 1e-6, source, low=0),
         rope_theta=_number(cfg, "rope_theta", 10000.0, source, positive=True),
         hidden_act=act,
@@ -167,8 +209,30 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         bos_token_id=_number(cfg, "bos_token_id", 1, source, int, low=0),
         eos_token_id=_number(cfg, "eos_token_id", 2, source, int, low=0),
         torch_dtype=dtype,
+        use_mup=use_mup,
+        rope_scaling=rope_scaling,
+        sparse_config=sparse,
         raw=raw,
     )
+
+
+def _architecture(archs: list, model_type: str | None, source: str) -> str:
+    """"minicpm" or "llama": architectures names the class to build; a model_type that contradicts it is refused."""
+    name = archs[0] if archs else None
+    if name is None and model_type in CLASSES.values():
+        return model_type
+    if name not in CLASSES:
+        what = name or model_type or "no architecture"
+        why = next((reason for key, reason in FAMILIES if key in what.lower().replace("-", "").replace("_", "")), None)
+        raise UserError(f"{source}: unsupported architecture {what}" + (f": {why}" if why else "")
+                        + f"; supported: {SUPPORTED}")
+    if len(set(archs)) > 1:
+        raise UserError(f"{source}: architectures lists several classes ({', '.join(archs)}); expected one of "
+                        f"{', '.join(CLASSES)}")
+    if model_type is not None and model_type != CLASSES[name]:
+        raise UserError(f"{source}: architectures names {name} but model_type is {model_type!r:.40} "
+                        f"(expected {CLASSES[name]!r}); the two contradict each other")
+    return CLASSES[name]
 
 
 def _number(cfg: dict, key: str, default, source: str, kind=float, low: float | None = None, positive: bool = False):

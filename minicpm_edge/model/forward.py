@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rope
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 
@@ -29,12 +30,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, head_dim] for HF's rotate-half convention."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, head_dim] for HF's rotate-half convention, with the checkpoint's rope scaling.
+
+    `seq_len` (default: the last position + 1, the key/value length at that point) picks the frequencies where they
+    depend on the length (LongRoPE's list, dynamic NTK past max_position_embeddings)."""
+    if seq_len is None:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    inv = rope.inverse_frequencies(cfg, seq_len)
     freqs = positions.float()[:, None] * inv[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    a = rope.attention_factor(cfg)
+    return (emb.cos() * a).to(dtype), (emb.sin() * a).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

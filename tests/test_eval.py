@@ -201,8 +201,10 @@ def test_gate_fails_when_scales_flip_sign(gate, tmp_path):
 
 
 def test_gate_fails_without_error_updates(bundled, gate, tmp_path, monkeypatch):
-    """A GPTQ that skips the Hessian error updates is RTN under another name: the KL half of the gate catches it."""
-    monkeypatch.setattr(gptq.GPTQ, "quantize", lambda self, w, spec, damp=0.01, **kw: gptq.rtn(w, spec))
+    """A GPTQ that skips the Hessian error updates is RTN under another name (the same Hessian-weighted grid search):
+    the KL half of the gate catches it."""
+    monkeypatch.setattr(gptq.GPTQ, "quantize",
+                        lambda self, w, spec, damp=0.01, **kw: gptq.rtn(w, spec, importance=self.H.diagonal()))
     lazy = quantize_checkpoint(bundled, tmp_path / "lazy", QuantOptions(spec=QuantSpec(3, 32)))
     assert json.loads((lazy / "quant_report.json").read_text())["method"] == "gptq"
     failure = gptq_beats_rtn(bundled, lazy, gate["rtn-w3g32"])

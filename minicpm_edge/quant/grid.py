@@ -21,7 +21,8 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
 MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8  # clipping search, as in the GPTQ reference quantiser
 SEARCHES = ("weighted", "mse", "max")  # how find_params picks each group's scale (and zero)
-SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 33  # the weighted search's candidates: these multiples of the max-based scale
+SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 21  # the weighted search's candidates: these multiples of the max-based scale
+CHUNK = 1 << 18  # weights per find_params call in group_params (1 MiB of float32: stays in the CPU's caches)
 FP16_MAX = 65504.0
 
 
@@ -103,38 +104,41 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     rows = w.reshape(n, groups, glen).transpose(0, 1).reshape(groups * n, glen)
     if importance is not None:
         importance = importance.float().reshape(groups, 1, glen).expand(groups, n, glen).reshape(groups * n, glen)
-    scale, zero = find_params(rows, spec, search, importance)
-    return scale.view(groups, n), zero.view(groups, n)
+    step = max(1, CHUNK // glen)
+    parts = [find_params(rows[a:a + step], spec, search, None if importance is None else importance[a:a + step])
+             for a in range(0, len(rows), step)]
+    return torch.cat([p[0] for p in parts]).view(groups, n), torch.cat([p[1] for p in parts]).view(groups, n)
 
 
 def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     """The "weighted" search of find_params: (scale, zero) per row, never worse than the max-based grid it starts at."""
-    imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
+    imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
+    iw = imp * w
 
-    def error(s, z):
-        q = quantize_codes(w, s[:, None], z[:, None], spec.maxq)
-        return (imp * (dequantize(q, s[:, None], z[:, None]) - w) ** 2).sum(dim=1), q
+    def judge(s, z):
+        """Weighted error of (s, z) per row, and the least-squares scale of its codes (fp16, sign kept)."""
+        d = torch.clamp(torch.round(w * (1 / s)[:, None]) + z[:, None], 0, spec.maxq).sub_(z[:, None])
+        r = torch.addcmul(-w, d, s[:, None])
+        err = torch.einsum("ij,ij->i", r.mul_(r), imp)
+        den = torch.einsum("ij,ij->i", d * d, imp)
+        ls = torch.where(den > 0, torch.einsum("ij,ij->i", iw, d) / den.clamp(min=1e-30), s)
+        return err, _fp16_scale(ls, s)
 
-    best, _ = error(scale, zero)
+    best, _ = judge(scale, zero)
 
     def consider(s, z):
         nonlocal best, scale, zero
-        err, q = error(s, z)
+        err, ls = judge(s, z)
         better = err < best
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-        return q
+        return ls
 
     lo_p, hi_p = SEARCH_RANGE
     for i in range(SEARCH_STEPS):
         p = lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1)
         s, z = _params(p * lo, p * hi, spec)
-        q = consider(s, z)
-        # least squares on these codes: the scale that fits them best, rounded to fp16 and judged on its own codes
-        d = q - z[:, None]
-        den = (imp * d * d).sum(dim=1)
-        ls = torch.where(den > 0, (imp * w * d).sum(dim=1) / den.clamp(min=1e-30), s)
-        consider(_fp16_scale(ls, s), z)
+        consider(consider(s, z), z)  # the candidate, then the scale that fits its codes best (judged on its own codes)
     if not spec.sym:  # the zero point one step either side of the best, in 1..maxq (see _params)
         for step in (-1, 1):
             consider(scale, torch.clamp(zero + step, 1, spec.maxq))

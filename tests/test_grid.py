@@ -209,7 +209,8 @@ def test_asymmetric_zero_never_zero_for_v1_readers():
     """AutoGPTQ-style v1 readers add 1 to the stored zero without wrapping: a zero of 0 would read as 16."""
     w = torch.rand(16, 32) + 0.01  # all positive: the natural zero point would be 0
     spec = QuantSpec(4, 32, False)
-    s, z = find_params(w, spec)
+    assert (find_params(w, spec)[1] >= 1).all() and (find_params(w, spec, "mse")[1] >= 1).all()
+    s, z = find_params(w, spec, "max")
     assert (z >= 1).all()
     deq = dequantize(quantize_codes(w, s[:, None], z[:, None], 15), s[:, None], z[:, None])
     assert (deq - w).abs().max() <= s.max() / 2 + 1e-6  # the maximum is still on the grid

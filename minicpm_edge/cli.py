@@ -68,7 +68,9 @@ def quantize(
     order: str = typer.Option("act", help="Column order: act (decreasing Hessian diagonal, static groups), gar "
                               "(group-aware reordering) or natural; each keeps groups contiguous for every target."),
     static_groups: bool = typer.Option(False, help="Fix group parameters before the error updates (implied by act)."),
-    mse: bool = typer.Option(False, help="Search the clipping range that minimises the rounding error."),
+    search: str = typer.Option("weighted", help="Per-group scale search: weighted (Hessian-diagonal weighted "
+                               "rounding error), mse (GPTQ's unweighted clipping search) or max (no search)."),
+    mse: bool = typer.Option(False, help="Same as --search mse."),
 ):
     """GPTQ int4 group quantisation, layer by layer, on CPU."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -79,7 +81,7 @@ def quantize(
 
     opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method.value, damp=damp, nsamples=nsamples,
                         seqlen=seqlen, calib=calib, order=order, static_groups=static_groups,
-                        mse=mse, device=device, compute=compute)
+                        search="mse" if mse else search, device=device, compute=compute)
     if out is None:
         out = Path("out") / f"{model.name}-{method.value}-w{bits}g{group_size}{'' if sym else '-asym'}"
     layers = Checkpoint(model).config.num_hidden_layers

@@ -214,20 +214,57 @@ def test_q8_0_embedding(bundled_gptq, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("g64", "group 64 has no exact GGUF form"),
     ("fatrelu", "hard-codes SiLU"),
-    ("bits3", "GPTQ 3-bit group 32 has no exact GGUF form"),
+    ("bits3", "GPTQ 3-bit has no exact GGUF form"),
 ])
 def test_refusals_leave_nothing(tmp_path, case, message):
     if case == "fatrelu":
         q = quantized(small_variant(tmp_path / "s", hidden_act="fatrelu", hidden_act_param=0.03), tmp_path / "q",
                       method="rtn")
     else:
-        bits, group = (4, 64) if case == "g64" else (3, 32)
-        q = quantized(small_variant(tmp_path / "m"), tmp_path / "q", method="rtn", bits=bits, group_size=group)
+        q = quantized(small_variant(tmp_path / "m"), tmp_path / "q", method="rtn", bits=3, group_size=32)
     with pytest.raises(UserError, match=message):
         export_ios(q, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["q", "s" if case == "fatrelu" else "m"])
+
+
+@pytest.mark.parametrize("group, sym", [(64, True), (128, True), (-1, True), (128, False), (-1, False)])
+def test_larger_groups_repeat_their_scale_over_blocks(tmp_path, group, sym):
+    """Group 64 / 128 / per channel: every block of 32 carries its group's d (and m = -d * z), codes unchanged."""
+    q_dir = quantized(small_variant(tmp_path / "m", intermediate_size=384), tmp_path / "q", group_size=group, sym=sym,
+                      nsamples=4, seqlen=64)
+    out = export_ios(q_dir, tmp_path / "ios")
+    ckpt = Checkpoint(q_dir)
+    qtype = G.QT.Q4_0 if sym else G.QT.Q4_1
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file(out)).tensors}
+    for m in LINEARS:
+        q = ckpt.quantized(f"model.layers.1.{m}")
+        t = tensors[f"blk.1.{G.NAMES[m]}.weight"]
+        assert t.tensor_type == qtype
+        n, k = q.shape
+        codes, d, mm = G.q4_codes(t.data, k, qtype)
+        heads = {"self_attn.q_proj": 4, "self_attn.k_proj": 4}.get(m)
+        perm = G.permute_rows(n, heads) if heads else torch.arange(n)
+        glen = k if group == -1 else group
+        scales = q.scales[:, perm].t().repeat_interleave(glen // 32, 1)  # [N, K/32]
+        assert np.array_equal(codes, q.codes[perm].numpy())
+        assert np.array_equal(d.view(np.uint16), scales.contiguous().numpy().view(np.uint16))
+        if not sym:
+            zeros = q.zeros[:, perm].t().repeat_interleave(glen // 32, 1).float()
+            assert np.array_equal(mm, (-scales.float() * zeros).numpy().astype(np.float16))
+        # gguf-py's own dequantiser gives our dequantised weights (up to fp16 rounding of m for Q4_1)
+        ours = q.dequantize()[perm].numpy()
+        theirs = gguf.quants.dequantize(t.data, qtype).reshape(n, k)
+        assert np.abs(theirs - ours).max() <= (0 if sym else 1e-3 * np.abs(ours).max())
+
+
+def test_llama_cpp_runs_group_128(bundled, tmp_path):
+    q_dir = quantized(bundled, tmp_path / "g128", group_size=128, nsamples=16, seqlen=128)
+    out = export_ios(q_dir, tmp_path / "ios")
+    ids = Tokenizer(q_dir / "tokenizer.model").encode(TEXT)
+    a, b = open_runner(q_dir).logits(ids), open_runner(out).logits(ids)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
 
 
 def act_order_checkpoint(src_q, out):

@@ -283,6 +283,23 @@ def test_forward_from_mlc_files_reproduces_int4_logits(exports, model, layout):
     assert np.abs(ours - same).max() <= 1e-4 * np.abs(same).max()
 
 
+@pytest.mark.parametrize("group, layout", [(64, "q4f16_1"), (128, "q4f16_0"), (-1, "q4f16_1")])
+def test_larger_groups_repeat_their_scale(tmp_path, group, layout):
+    """Group 64 / 128 / per channel: tvm reads records whose every group of 32 carries its GPTQ group's scale, so
+    they dequantise to the checkpoint's weights exactly, and mlc's graph on them gives our int4 logits."""
+    src = quantized(small_variant(tmp_path / "m", intermediate_size=384), tmp_path / "q", group_size=group,
+                    nsamples=4, seqlen=64)
+    folder = model_dir(export_mlc(src, tmp_path / "out", layout=layout))
+    ckpt, p = Checkpoint(src), load(folder)
+    for dst, srcs in mlc.FUSED.items():
+        name = f"model.layers.1.{dst}"
+        ref = torch.cat([ckpt.quantized(f"model.layers.1.{s}").dequantize() for s in srcs]).numpy()
+        assert np.array_equal(dequant(p[name + ".q_weight"], p[name + ".q_scale"], layout == "q4f16_0"), ref), name
+    ids = prompt_ids(src)
+    ours, same = mlc_forward(folder, ids), torch_logits(ckpt, ids, folder)
+    assert np.abs(ours - same).max() <= 1e-4 * np.abs(same).max()
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -426,7 +443,6 @@ def test_refusals_leave_nothing(bundled, tmp_path):
     _refused(plain, tmp_path / "o1", "not a GPTQ checkpoint")
     _refused(small_variant(tmp_path / "fat", hidden_act="fatrelu", hidden_act_param=0.03), tmp_path / "o2", "SiLU")
     _refused(quantized(plain, tmp_path / "asym", method="rtn", sym=False), tmp_path / "o3", "asymmetric")
-    _refused(quantized(plain, tmp_path / "g64", method="rtn", group_size=64), tmp_path / "o4", "group 64")
     _refused(quantized(plain, tmp_path / "b8", method="rtn", bits=8), tmp_path / "o5", "8-bit")
     gptq = quantized(plain, tmp_path / "gptq", method="rtn")
     # act-order as other tools write it: g_idx not in runs of 32 (our quantiser only makes static groups)

@@ -202,6 +202,6 @@ def test_low_bits_damage_ordering(calib):
 def test_mse_and_three_bit(calib):
     x, w, g = calib
     spec = QuantSpec(3, 128, False)
-    r = g.quantize(w, spec, mse=True)
+    r = g.quantize(w, spec, search="mse")
     check(r, spec)
-    assert out_err(x, w, r.dequantized) < 0.6 * out_err(x, w, rtn(w, spec, mse=True).dequantized)
+    assert out_err(x, w, r.dequantized) < 0.6 * out_err(x, w, rtn(w, spec, "mse").dequantized)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from minicpm_edge.errors import UserError
-from minicpm_edge.quant.grid import (QuantSpec, dequantize, find_params, make_g_idx, pack_qweight, pack_qzeros,
-                                     quantize_codes, unpack_qweight, unpack_qzeros)
+from minicpm_edge.quant.grid import (QuantSpec, dequantize, find_params, group_params, make_g_idx, pack_qweight,
+                                     pack_qzeros, quantize_codes, unpack_qweight, unpack_qzeros)
 
 
 def u32(t: torch.Tensor) -> list[int]:
@@ -80,24 +80,33 @@ def test_pack_refuses_out_of_range_and_partial_words():
         pack_qweight(torch.zeros(2, 20, dtype=torch.long), 4)
 
 
-def test_symmetric_grid_is_centred_on_8():
-    w = torch.tensor([[-1.0, -0.5, 0.0, 0.25, 0.7]])
-    s, z = find_params(w, QuantSpec(4, 32, True))
-    assert z.item() == 8 and s.item() == pytest.approx(2 / 15, rel=1e-3)
-    assert s.half().float().item() == s.item()  # scales are fp16-representable
+def test_symmetric_grid_uses_all_levels():
+    """llama.cpp's Q4_0 rule: d = (signed value of largest magnitude) / -8, so that value is code 0, the other side
+    reaches code 15; d is negative when the extreme is positive."""
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.25, 0.7], [1.0, -0.5, 0.0, 0.25, 0.7]])
+    s, z = find_params(w, QuantSpec(4, 32, True), "max")
+    assert z.tolist() == [8, 8] and s.tolist() == [0.125, -0.125]
     q = quantize_codes(w, s[:, None], z[:, None], 15)
-    assert q.min() >= 0 and q.max() <= 15 and q[0, 2] == 8
-    assert find_params(w, QuantSpec(3, 32, True))[1].item() == 4 and find_params(w, QuantSpec(8, 32, True))[1].item() == 128
+    assert q[:, 0].tolist() == [0, 0] and (q[:, 2] == 8).all()
+    assert q[0].tolist() == [0, 4, 8, 10, 14] and q[1].tolist() == [0, 12, 8, 6, 2]
+    assert torch.equal(dequantize(q, s[:, None], z[:, None])[:, :3], w[:, :3])  # -8d, -4d and 0 exactly
+    ramp = torch.linspace(-1, 1, 32).view(1, 32)
+    s, z = find_params(ramp, QuantSpec(4, 32, True), "max")
+    assert quantize_codes(ramp, s[:, None], z[:, None], 15).unique().numel() == 16  # every level in use
+    assert find_params(w, QuantSpec(3, 32, True))[1].tolist() == [4, 4]
+    assert find_params(w, QuantSpec(8, 32, True))[1].tolist() == [128, 128]
+    assert find_params(w, QuantSpec(3, 32, True), "max")[0].tolist() == [0.25, -0.25]
 
 
 def test_asymmetric_grid_covers_range():
     w = torch.tensor([[-0.3] + [0.1 * i for i in range(31)]])
-    s, z = find_params(w, QuantSpec(4, 32, False))
+    s, z = find_params(w, QuantSpec(4, 32, False), "max")
     assert s.item() == pytest.approx((3.0 + 0.3) / 15, rel=1e-3) and z.item() == round(0.3 / s.item())
     deq = dequantize(quantize_codes(w, s[:, None], z[:, None], 15), s[:, None], z[:, None])
     assert (deq - w).abs().max() <= s.item() / 2 + 1e-6
     pos = torch.linspace(0.1, 3.0, 32).view(1, 32)
-    assert find_params(pos, QuantSpec(4, 32, False))[1].item() == 1  # never 0: see the v1 zero-point test below
+    for search in ("max", "weighted", "mse"):  # never 0: see the v1 zero-point test below
+        assert find_params(pos, QuantSpec(4, 32, False), search)[1].item() == 1
 
 
 def test_mse_search_never_worse():
@@ -106,16 +115,60 @@ def test_mse_search_never_worse():
     for spec in (QuantSpec(3, 128, False), QuantSpec(4, 128, True)):
         err = {}
         for mse in (False, True):
-            s, z = find_params(w, spec, mse)
+            s, z = find_params(w, spec, "mse" if mse else "max")
             deq = dequantize(quantize_codes(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None])
             err[mse] = (deq - w).abs().pow(2.4).sum(1)
-        assert (err[True] <= err[False]).all() and err[True].sum() < 0.9 * err[False].sum()
+        assert (err[True] <= err[False]).all() and err[True].sum() < 0.95 * err[False].sum()
+
+
+def weighted_error(w, spec, s, z, imp):
+    deq = dequantize(quantize_codes(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None])
+    return (imp * (deq - w) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 32, False), QuantSpec(3, 128, True),
+                                  QuantSpec(2, 64, False)])
+def test_weighted_search(spec):
+    """Never worse than the max-based grid row by row in the weighted error, clearly better in sum; the importance
+    steers it (each search wins on its own objective); every scale fp16, zeros 1..maxq (asym) or the centre."""
+    g = torch.Generator().manual_seed(spec.bits)
+    w = torch.randn(256, spec.group_size, generator=g) ** 3
+    imp = torch.rand(1, spec.group_size, generator=g) ** 4
+    base = weighted_error(w, spec, *find_params(w, spec, "max"), imp)
+    s, z = find_params(w, spec, "weighted", imp)
+    best = weighted_error(w, spec, s, z, imp)
+    assert (best <= base).all() and best.sum() < 0.9 * base.sum()
+    assert torch.equal(s.half().float(), s) and (s != 0).all()
+    if spec.sym:
+        assert (z == 2 ** (spec.bits - 1)).all()
+    else:
+        assert z.min() >= 1 and z.max() <= spec.maxq
+    s_u, z_u = find_params(w, spec, "weighted")  # uniform importance
+    assert best.sum() < weighted_error(w, spec, s_u, z_u, imp).sum()
+    ones = torch.ones_like(imp)
+    assert weighted_error(w, spec, s_u, z_u, ones).sum() < weighted_error(w, spec, s, z, ones).sum()
+    with pytest.raises(UserError, match="grid search"):
+        find_params(w, spec, "best")
+
+
+def test_group_params_is_find_params_per_group():
+    g = torch.Generator().manual_seed(5)
+    w, imp = torch.randn(16, 128, generator=g), torch.rand(128, generator=g)
+    for spec in (QuantSpec(4, 32, True), QuantSpec(4, -1, False)):
+        s, z = group_params(w, spec, "weighted", imp)
+        glen = spec.group_len(128)
+        for gi in range(spec.groups(128)):
+            cols = slice(gi * glen, (gi + 1) * glen)
+            s1, z1 = find_params(w[:, cols], spec, "weighted", imp[cols])
+            assert torch.equal(s[gi], s1) and torch.equal(z[gi], z1)
 
 
 def test_zero_rows_and_tiny_scales():
     for sym in (True, False):
         s, z = find_params(torch.zeros(4, 32), QuantSpec(sym=sym))
         assert (s > 0).all() and torch.isfinite(s).all()
+        s, _ = find_params(torch.full((1, 32), 1e-9), QuantSpec(sym=sym))
+        assert s.abs().item() > 0  # fp16 underflow guarded, sign kept (negative for a positive extreme, sym)
         assert (dequantize(quantize_codes(torch.zeros(4, 32), s[:, None], z[:, None], 15), s[:, None], z[:, None]) == 0).all()
     s, _ = find_params(torch.full((1, 32), 1e-9), QuantSpec(sym=False))
     assert s.item() > 0  # fp16 underflow guarded
@@ -156,7 +209,8 @@ def test_asymmetric_zero_never_zero_for_v1_readers():
     """AutoGPTQ-style v1 readers add 1 to the stored zero without wrapping: a zero of 0 would read as 16."""
     w = torch.rand(16, 32) + 0.01  # all positive: the natural zero point would be 0
     spec = QuantSpec(4, 32, False)
-    s, z = find_params(w, spec)
+    assert (find_params(w, spec)[1] >= 1).all() and (find_params(w, spec, "mse")[1] >= 1).all()
+    s, z = find_params(w, spec, "max")
     assert (z >= 1).all()
     deq = dequantize(quantize_codes(w, s[:, None], z[:, None], 15), s[:, None], z[:, None])
     assert (deq - w).abs().max() <= s.max() / 2 + 1e-6  # the maximum is still on the grid

@@ -381,7 +381,7 @@ def _(t):
     return ["quantize", t.copy("variant"), "--bits", "5", *FAST, "--out", t.out()], t.out()
 
 
-@case("bits-gguf-cannot-store", "GPTQ 3-bit group 32 has no exact GGUF form")
+@case("bits-gguf-cannot-store", "GPTQ 3-bit has no exact GGUF form")
 def _(t):
     return ["export", t.copy("gptq3"), "--target", "ios", "--out", t.out()], t.out()
 
@@ -391,7 +391,7 @@ def _(t):
     return ["export", t.copy("gptq3"), "--target", "onnx", "--out", t.out()], t.out()
 
 
-@case("bits-mlc-cannot-store", "GPTQ 3-bit group 32 has no exact q4f16 form")
+@case("bits-mlc-cannot-store", "GPTQ 3-bit has no exact q4f16 form")
 def _(t):
     return ["export", t.copy("gptq3"), "--target", "harmony", "--out", t.out()], t.out()
 

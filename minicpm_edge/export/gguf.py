@@ -1,7 +1,8 @@
 """GGUF for llama.cpp (arch `minicpm`), written with the `gguf` package, one tensor at a time.
 
-GPTQ codes go into Q4_0 (symmetric, group 32) or Q4_1 (asymmetric, group 32) blocks unchanged (FORMATS.md section 2):
-Q4_0 value = (q - 8) * d with d = s; Q4_1 value = d * q + m with d = s, m = -s * z. A block holds 32 weights along K:
+GPTQ codes go into Q4_0 (symmetric) or Q4_1 (asymmetric) blocks unchanged (FORMATS.md section 2):
+Q4_0 value = (q - 8) * d with d = s; Q4_1 value = d * q + m with d = s, m = -s * z. A block holds 32 weights along K;
+groups of 64, 128 or one per channel repeat their d (and m) over each of their blocks of 32, exactly. A block has:
 fp16 d [, fp16 m], then 16 bytes where byte j has element j in the low nibble and element j + 16 in the high nibble.
 q_proj / k_proj rows are permuted llama-style (llama.cpp applies rope to adjacent pairs); a row permutation moves
 whole rows of codes and the matching scale columns, so nothing is re-quantised.
@@ -118,7 +119,8 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
     """One Linear as GGUF data: Q4 blocks from the GPTQ codes, or a float weight; rows permuted for q/k."""
     if qtype in (QT.Q4_0, QT.Q4_1):
         q = ckpt.quantized(prefix)
-        codes, scales, zeros = q.codes, q.scales, q.zeros
+        codes = q.codes
+        scales, zeros = q.per_block(32)  # group 64 / 128 / -1: each group's d (and m) repeated over its blocks
         if heads:
             perm = permute_rows(codes.shape[0], heads)
             codes, scales, zeros = codes[perm], scales[:, perm], zeros[:, perm]
@@ -157,9 +159,12 @@ def check_exportable(ckpt: Checkpoint) -> object:
         return None
     spec = q["spec"]
     how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32`"
-    if spec.bits != 4 or spec.group_size != 32:
-        raise UserError(f"{ckpt.dir}: GPTQ {spec.bits}-bit group {spec.group_size} has no exact GGUF form "
-                        f"(Q4_0/Q4_1 need 4-bit groups of 32); {how}")
+    if spec.bits != 4:
+        raise UserError(f"{ckpt.dir}: GPTQ {spec.bits}-bit has no exact GGUF form (Q4_0/Q4_1 hold 4-bit codes); {how}")
+    for name, k in (("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)):
+        if spec.group_len(k) % 32:
+            raise UserError(f"{ckpt.dir}: {name} {k} with group size {spec.group_size} is no whole number of "
+                            f"llama.cpp's blocks of 32 per group; {how}")
     for m in LINEARS:
         if not ckpt.quantized(f"model.layers.0.{m}").contiguous:
             raise UserError(f"{ckpt.dir}: act-order groups are not contiguous along the input, which GGUF blocks "

@@ -55,9 +55,10 @@ def pack4(codes: torch.Tensor) -> np.ndarray:
 
 
 def gptq_params(parts: list, order: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric GPTQ Linears, rows concatenated in order, as (q_weight, q_scale) of one mlc Linear ("KN" or "NK")."""
+    """Symmetric GPTQ Linears, rows concatenated in order, as (q_weight, q_scale) of one mlc Linear ("KN" or "NK").
+    Groups of 64, 128 or one per channel repeat their scale over each of their groups of 32."""
     codes = torch.cat([15 - q.codes for q in parts], dim=0)  # [N, K]
-    scales = -torch.cat([q.scales for q in parts], dim=1).half()  # [K/32, N]
+    scales = -torch.cat([q.per_block(GROUP)[0] for q in parts], dim=1).half()  # [K/32, N]
     words = pack4(codes)
     if order == "KN":
         return np.ascontiguousarray(words.T), scales.numpy()
@@ -163,9 +164,12 @@ def check_exportable(ckpt: Checkpoint) -> None:
     if q is None:
         raise UserError(f"{where}: not a GPTQ checkpoint; the MLC export stores GPTQ int4 codes, {how} first")
     spec = q["spec"]
-    if spec.bits != 4 or spec.group_size != 32:
-        raise UserError(f"{where}: GPTQ {spec.bits}-bit group {spec.group_size} has no exact q4f16 form "
-                        f"(mlc stores 4-bit groups of 32); {how}")
+    if spec.bits != 4:
+        raise UserError(f"{where}: GPTQ {spec.bits}-bit has no exact q4f16 form (mlc stores 4-bit codes); {how}")
+    for name, k in (("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)):
+        if spec.group_len(k) % GROUP:
+            raise UserError(f"{where}: {name} {k} with group size {spec.group_size} is no whole number of mlc's "
+                            f"groups of {GROUP} per group; {how}")
     if not spec.sym:
         raise UserError(f"{where}: asymmetric GPTQ has no exact q4f16 form (mlc's groups have no zero point); {how}, "
                         "or export --target ios (Q4_1 holds asymmetric codes)")

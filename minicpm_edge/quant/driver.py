@@ -26,7 +26,7 @@ from ..model import Checkpoint, Tokenizer, load_layer
 from ..model.forward import DecoderLayer, rope_tables
 from .format import QuantizedLinear, quantization_config
 from .gptq import GPTQ, rtn
-from .grid import QuantSpec
+from .grid import SEARCHES, QuantSpec
 
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -45,7 +45,7 @@ class QuantOptions:
     calib: str | None = None
     order: str = "act"  # column order: act (act-order, static groups), gar (group-aware) or natural; see ORDERS
     static_groups: bool = False  # group parameters fixed before the error updates (always so with act-order)
-    mse: bool = False
+    search: str = "weighted"  # grid search (grid.SEARCHES): Hessian-diagonal weighted, GPTQ's mse clipping, or max
     device: str = "cpu"
     compute: str = "auto"  # layer forwards and Hessian products: fp32, bf16 or auto (the solver is always fp32)
     batch: int = 8  # calibration samples per forward chunk
@@ -79,6 +79,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             raise UserError(f"{model_dir}: already a GPTQ checkpoint; quantise the original bf16/fp16 model")
         if opts.method not in ("gptq", "rtn"):
             raise UserError(f"--method {opts.method!r}: choose gptq or rtn")
+        if opts.search not in SEARCHES:
+            raise UserError(f"grid search {opts.search!r}: choose {', '.join(SEARCHES)}")
         if opts.order not in ORDERS:
             raise UserError(f"--order {opts.order!r}: choose {', '.join(ORDERS)}")
         if opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -214,9 +216,9 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
         for name in names:
             w = originals.pop(name)
             if opts.method == "gptq":
-                r = hessian.quantize(w, opts.spec, opts.damp, mse=opts.mse, **opts.column_order)
+                r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, **opts.column_order)
             else:
-                r = rtn(w, opts.spec, opts.mse)
+                r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H))
             modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized), 8), "damp": r.damp_used}
             records[name] = QuantizedLinear.from_result(r, opts.spec)
             layer.get_submodule(name).weight.data = r.dequantized.to(dt)
@@ -350,7 +352,7 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
     layers = state["report"]
     report = {"model": str(ckpt.dir), "method": opts.method, "bits": opts.spec.bits,
               "group_size": opts.spec.group_size, "sym": opts.spec.sym, "damp": opts.damp,
-              "order": opts.order if opts.method == "gptq" else None, "compute": opts.compute,
+              "order": opts.order if opts.method == "gptq" else None, "search": opts.search, "compute": opts.compute,
               "calibration": {"source": opts.calib or "bundled", "nsamples": opts.nsamples, "seqlen": opts.seqlen},
               "totals": {"seconds": round(seconds, 2), "layer_seconds": round(sum(r["seconds"] for r in layers), 2),
                          "mean_layer_rel_error": sum(r["rel_error"] for r in layers) / len(layers)},

@@ -43,6 +43,17 @@ class QuantizedLinear:
         """Groups are runs of `group_size` consecutive input columns (no runtime act-order permutation)."""
         return torch.equal(self.g_idx.to(torch.int32), make_g_idx(self.shape[1], self.spec))
 
+    def per_block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros), each [K/block, N]: one row per run of `block` input columns, each group's parameters
+        repeated over its runs. Exact for contiguous groups of a multiple of `block` columns (or one per channel),
+        which is how group 64 / 128 / -1 checkpoints map onto formats with fixed blocks of 32."""
+        k = self.shape[1]
+        glen = self.spec.group_len(k)
+        if not self.contiguous or glen % block or k % block:
+            raise ValueError(f"groups of {glen} columns (contiguous: {self.contiguous}) are no whole runs of {block}")
+        reps = glen // block
+        return self.scales.repeat_interleave(reps, 0), self.zeros.repeat_interleave(reps, 0)
+
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
         return self.scales.float()[g].t() * (self.codes.float() - self.zeros.float()[g].t())

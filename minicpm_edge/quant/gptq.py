@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .grid import QuantSpec, dequantize, find_params, make_g_idx, quantize_codes
+from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, quantize_codes
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
 
@@ -62,14 +62,15 @@ class GPTQ:
         self.H.add_(xtx, alpha=2 / self.n)
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
-                 act_order: bool = False, static_groups: bool = False, mse: bool = False,
+                 act_order: bool = False, static_groups: bool = False, search: str = "weighted",
                  group_aware: bool = False) -> QuantResult:
         """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come.
 
         Column order: natural; `act_order` (decreasing Hessian diagonal over all columns, groups then need
         `static_groups`); or `group_aware` (GAR: whole groups in decreasing order of their largest diagonal entry,
         columns within each group likewise, so every group is still one contiguous run of K and its parameters
-        come from its updated columns, as in natural order).
+        come from its updated columns, as in natural order). `search`: find_params' grid search, weighted by the
+        Hessian diagonal of each column.
         """
         if self.n == 0:
             raise UserError("no calibration tokens reached this layer")
@@ -92,7 +93,7 @@ class GPTQ:
         glen, n_groups = spec.group_len(k), spec.groups(k)
         static = None
         if static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
-            static = [find_params(W[:, g * glen:(g + 1) * glen], spec, mse) for g in range(n_groups)]
+            static = group_params(W, spec, search, torch.diag(H))
         perm = None
         if act_order:
             perm = torch.argsort(torch.diag(H), descending=True)
@@ -101,6 +102,7 @@ class GPTQ:
         if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
         Hinv, damp_used = _inverse_cholesky(H, damp)
+        diag = torch.diag(H)  # in processing order: each column's weight in the grid search
 
         dev = W.device
         Q = torch.zeros_like(W)
@@ -117,14 +119,14 @@ class GPTQ:
                 c = order[i1 + j]
                 g = c // glen
                 if static is not None:
-                    scale, zero = static[g]
+                    scale, zero = static[0][g], static[1][g]
                     scales[g], zeros[g] = scale, zero
                 elif (i1 + j) % glen == 0:  # entering a group (contiguous here): its columns as updated so far
                     inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
                     cols = W1[:, j:j + glen]
                     if inside < glen:
                         cols = torch.cat([W1[:, j:], W[:, i2:i2 + glen - inside]], 1)
-                    scale, zero = find_params(cols, spec, mse)
+                    scale, zero = find_params(cols, spec, search, diag[i1 + j:i1 + j + glen])
                     scales[g], zeros[g] = scale, zero
                 w, d = W1[:, j], Hinv1[j, j]
                 q = quantize_codes(w, scale, zero, spec.maxq)
@@ -175,20 +177,16 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
                     "give more or more varied calibration text")
 
 
-def rtn(weight: torch.Tensor, spec: QuantSpec, mse: bool = False) -> QuantResult:
-    """Round to nearest on the same grid: the baseline every GPTQ figure is compared with."""
+def rtn(weight: torch.Tensor, spec: QuantSpec, search: str = "weighted",
+        importance: torch.Tensor | None = None) -> QuantResult:
+    """Round to nearest on the same grid: the baseline every GPTQ figure is compared with. `importance` [K] (the
+    Hessian diagonal, as llama.cpp's imatrix) weights the grid search; None weighs every column alike."""
     W = weight.detach().to(torch.float32)
-    n_out, k = W.shape
+    k = W.shape[1]
     spec.check_k(k)
-    glen, n_groups = spec.group_len(k), spec.groups(k)
-    scales = torch.zeros(n_groups, n_out, device=W.device)
-    zeros = torch.zeros(n_groups, n_out, device=W.device)
-    codes = torch.zeros_like(W)
-    for g in range(n_groups):
-        w = W[:, g * glen:(g + 1) * glen]
-        s, z = find_params(w, spec, mse)
-        scales[g], zeros[g] = s, z
-        codes[:, g * glen:(g + 1) * glen] = quantize_codes(w, s[:, None], z[:, None], spec.maxq)
+    scales, zeros = group_params(W, spec, search, importance)
     g_idx = make_g_idx(k, spec, W.device)
-    deq = dequantize(codes, scales[g_idx.long()].t(), zeros[g_idx.long()].t())
+    s, z = scales[g_idx.long()].t(), zeros[g_idx.long()].t()
+    codes = quantize_codes(W, s, z, spec.maxq)
+    deq = dequantize(codes, s, z)
     return QuantResult(codes.to(torch.uint8), scales, zeros.to(torch.int32), g_idx, deq)

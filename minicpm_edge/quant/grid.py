@@ -1,7 +1,8 @@
 """The quantisation grid and GPTQ v1 packing: the one place every module takes these numbers from.
 
 Grid: per group of `group_size` input columns, value = scale * (code - zero), codes 0..2^bits-1.
-Symmetric grids use zero = 2^(bits-1) (8 for int4), the GPTQ convention that Q4_0, MLC q4f16 and MatMulNBits share.
+Symmetric grids use zero = 2^(bits-1) (8 for int4), the GPTQ convention that Q4_0, MLC q4f16 and MatMulNBits share;
+the scale is signed, so all 2^bits levels serve the group's largest magnitude (value = -8 * scale at code 0).
 Scales are rounded to fp16 when they are found, since fp16 is what checkpoints store.
 Packing (FORMATS.md section 1): qweight int32 [K*bits/32, N] packed along K, qzeros int32 [groups, N*bits/32] packed
 along N, lowest bits first; format v1 stores zero - 1. 3-bit values form one little-endian bit stream across words
@@ -19,6 +20,9 @@ from ..errors import UserError
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
 MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8  # clipping search, as in the GPTQ reference quantiser
+SEARCHES = ("weighted", "mse", "max")  # how find_params picks each group's scale (and zero)
+SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 21  # the weighted search's candidates: these multiples of the max-based scale
+CHUNK = 1 << 18  # weights per find_params call in group_params (1 MiB of float32: stays in the CPU's caches)
 FP16_MAX = 65504.0
 
 
@@ -54,18 +58,31 @@ class QuantSpec:
             raise UserError(f"{name}: input dimension {k} x {self.bits} bits is not a whole number of 32-bit words")
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
+                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp16-representable float32) and zero (integral float32) per row of w [rows, cols].
 
-    The range always includes 0. With `mse`, the range is shrunk by up to 80% in 1% steps and the shrink with the
-    lowest sum |error|^2.4 is kept, per row.
+    The max-based grid: symmetric d = (the row's signed value of largest magnitude) / -2^(bits-1), so that value gets
+    code 0 and every one of the 2^bits levels is used (llama.cpp's Q4_0 rule; d is negative when that value is
+    positive); asymmetric covers [min, max] (always including 0). `search`:
+    - "weighted" (default): the scale in SEARCH_RANGE x the max-based one (SEARCH_STEPS candidates, each also refined by
+      weighted least squares on its codes, every candidate rounded to fp16 before it is judged) with the lowest
+      sum importance * error^2 per row; `importance` (broadcast against w) is the Hessian diagonal of each column, as
+      llama.cpp's imatrix, or uniform when None. Asymmetric grids also try the zero point one step either side.
+    - "mse": the GPTQ reference quantiser's unweighted clipping search (range shrunk by up to 80% in 1% steps, lowest
+      sum |error|^2.4).
+    - "max": the max-based grid as it is.
     """
+    if search not in SEARCHES:
+        raise UserError(f"grid search {search!r}: choose {', '.join(SEARCHES)}")
     w = w.float()
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
     scale, zero = _params(lo, hi, spec)
-    if not mse:
+    if search == "max":
         return scale, zero
+    if search == "weighted":
+        return _weighted_search(w, spec, lo, hi, scale, zero, importance)
     best = torch.full_like(scale, float("inf"))
     for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID
@@ -78,25 +95,79 @@ def find_params(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> tuple[to
     return scale, zero
 
 
+def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """find_params for every contiguous group of w [N, K] in one pass: (scales, zeros), each [groups, N].
+    `importance` [K]: each column's weight in the search (the Hessian diagonal), or None."""
+    n, k = w.shape
+    glen, groups = spec.group_len(k), spec.groups(k)
+    rows = w.reshape(n, groups, glen).transpose(0, 1).reshape(groups * n, glen)
+    if importance is not None:
+        importance = importance.float().reshape(groups, 1, glen).expand(groups, n, glen).reshape(groups * n, glen)
+    step = max(1, CHUNK // glen)
+    parts = [find_params(rows[a:a + step], spec, search, None if importance is None else importance[a:a + step])
+             for a in range(0, len(rows), step)]
+    return torch.cat([p[0] for p in parts]).view(groups, n), torch.cat([p[1] for p in parts]).view(groups, n)
+
+
+def _weighted_search(w, spec, lo, hi, scale, zero, importance):
+    """The "weighted" search of find_params: (scale, zero) per row, never worse than the max-based grid it starts at."""
+    imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
+    iw = imp * w
+
+    def judge(s, z):
+        """Weighted error of (s, z) per row, and the least-squares scale of its codes (fp16, sign kept)."""
+        d = torch.clamp(torch.round(w * (1 / s)[:, None]) + z[:, None], 0, spec.maxq).sub_(z[:, None])
+        r = torch.addcmul(-w, d, s[:, None])
+        err = torch.einsum("ij,ij->i", r.mul_(r), imp)
+        den = torch.einsum("ij,ij->i", d * d, imp)
+        ls = torch.where(den > 0, torch.einsum("ij,ij->i", iw, d) / den.clamp(min=1e-30), s)
+        return err, _fp16_scale(ls, s)
+
+    best, _ = judge(scale, zero)
+
+    def consider(s, z):
+        nonlocal best, scale, zero
+        err, ls = judge(s, z)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        return ls
+
+    lo_p, hi_p = SEARCH_RANGE
+    for i in range(SEARCH_STEPS):
+        p = lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1)
+        s, z = _params(p * lo, p * hi, spec)
+        consider(consider(s, z), z)  # the candidate, then the scale that fits its codes best (judged on its own codes)
+    if not spec.sym:  # the zero point one step either side of the best, in 1..maxq (see _params)
+        for step in (-1, 1):
+            consider(scale, torch.clamp(zero + step, 1, spec.maxq))
+    return scale, zero
+
+
+def _fp16_scale(scale: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """scale rounded to fp16; 0 (all-zero rows) becomes 1 and fp16 underflow the smallest subnormal of `sign`'s sign."""
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    s = scale.clamp(-FP16_MAX, FP16_MAX).half().float()
+    return torch.where(s == 0, torch.where(sign < 0, -(2.0 ** -24), 2.0 ** -24), s)
+
+
 def _params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = spec.maxq
-    scale = 2 * torch.maximum(-lo, hi) / maxq if spec.sym else (hi - lo) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # all-zero rows: any scale, codes land on zero
-    scale = scale.clamp(max=FP16_MAX).half().float()
-    scale = torch.where(scale == 0, torch.full_like(scale, 2.0 ** -24), scale)  # fp16 underflow: smallest subnormal
     if spec.sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        # Zero points stay in 1..maxq: GPTQ v1 stores zero - 1, and AutoGPTQ-style readers add 1 back without
-        # wrapping, so a zero of 0 (stored as maxq) would read as maxq + 1. Such groups (nothing below 0 worth a
-        # step) get zero 1 and a scale stretched to keep their maximum on the grid.
-        zero = torch.round(-lo / scale)
-        low = zero < 1
-        if low.any():
-            stretched = (hi / (maxq - 1)).clamp(max=FP16_MAX).half().float()
-            stretched = torch.where(stretched == 0, torch.ones_like(stretched), stretched)
-            scale = torch.where(low, stretched, scale)
-        zero = torch.clamp(zero, 1, maxq)
+        half = (maxq + 1) // 2
+        extreme = torch.where(-lo >= hi, lo, hi)  # signed value of largest magnitude: it gets code 0
+        scale = _fp16_scale(extreme / -half, -extreme)
+        return scale, torch.full_like(scale, half)
+    scale = _fp16_scale((hi - lo) / maxq, hi - lo)
+    # Zero points stay in 1..maxq: GPTQ v1 stores zero - 1, and AutoGPTQ-style readers add 1 back without
+    # wrapping, so a zero of 0 (stored as maxq) would read as maxq + 1. Such groups (nothing below 0 worth a
+    # step) get zero 1 and a scale stretched to keep their maximum on the grid.
+    zero = torch.round(-lo / scale)
+    low = zero < 1
+    if low.any():
+        scale = torch.where(low, _fp16_scale(hi / (maxq - 1), hi), scale)
+    zero = torch.clamp(zero, 1, maxq)
     return scale, zero
 
 

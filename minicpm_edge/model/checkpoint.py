@@ -225,8 +225,10 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        p = self.dir / "tokenizer.model"
-        return p if p.is_file() else None
+        """tokenizer.model (SentencePiece) where there is one, else tokenizer.json; None when neither is there."""
+        from .tokenizer import TOKENIZER_NAMES
+
+        return next((self.dir / n for n in TOKENIZER_NAMES if (self.dir / n).is_file()), None)
 
     def close(self) -> None:
         """Drop the open files (and their memory maps), and hand the memory freed so far back to the OS."""

@@ -26,7 +26,9 @@ class Checkpoint:
     """An HF checkpoint directory: its config, tokenizer path, and tensors read one at a time."""
 
     def __init__(self, model_dir: str | Path):
-        self.dir = Path(model_dir)
+        from .hub import resolve_model
+
+        self.dir = resolve_model(model_dir)  # a hub id (owner/name) becomes its cached snapshot
         if not self.dir.is_dir():
             raise UserError(f"{model_dir}: not a directory")
         self._where: dict[str, Path] = {}  # tensor name -> file

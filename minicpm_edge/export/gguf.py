@@ -98,7 +98,7 @@ def json_vocab(path: Path) -> dict:
     USER_DEFINED. (gguf-py's LlamaHfVocab gives every token -1000, which ties every merge.)
     Byte-level BPE -> "gpt2" with the merges and the pre-tokenizer name llama.cpp knows (`llama_cpp_pre`).
     """
-    from ..model.tokenizer import Tokenizer, llama_cpp_pre
+    from ..model.tokenizer import Tokenizer, dummy_prefix, llama_cpp_pre
 
     tok = Tokenizer(path)
     data, model = tok.json, tok.json["model"]
@@ -131,12 +131,8 @@ def json_vocab(path: Path) -> dict:
             types[i] = 6
     if 0 <= tok.unk_id < n and tok.unk_id not in added:
         types[tok.unk_id] = 2
-    pre = data.get("pre_tokenizer") or {}
-    text = json.dumps([norm, pre], ensure_ascii=False)
-    prefix = '"Prepend", "prepend": "▁"' in text or pre.get("prepend_scheme") in ("first", "always") \
-        or pre.get("add_prefix_space") is True
     steps = [x.get("type") for x in (norm.get("normalizers") or [norm])] if isinstance(norm, dict) else []
-    out.update(model="llama", pre="default", scores=scores, add_space_prefix=prefix,
+    out.update(model="llama", pre="default", scores=scores, add_space_prefix=dummy_prefix(data),
                faithful=set(steps) <= {"Prepend", "Replace"})
     return out
 

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..model import Checkpoint
 from ..model.checkpoint import LINEARS
 from ..model.hub import model_name
-from ..model.tokenizer import AI, USER, Tokenizer
+from ..model.tokenizer import AI, USER, Tokenizer, dummy_prefix
 
 LAYOUTS = {"q4f16_0": "KN", "q4f16_1": "NK"}
 TARGETS = ("android", "harmony")
@@ -255,10 +255,8 @@ def tokenizer_info(ckpt: Checkpoint) -> dict:
     tok = Tokenizer(ckpt.tokenizer_path)
     if tok.kind == "bpe":
         return {**info, "token_postproc_method": "byte_level"}
-    data = tok.json
-    prefix = "Prepend" in json.dumps(data.get("normalizer")) or \
-        (data.get("pre_tokenizer") or {}).get("prepend_scheme") in ("first", "always")
-    return {**info, "prepend_space_in_encode": prefix, "strip_space_in_decode": "Strip" in json.dumps(data.get("decoder"))}
+    return {**info, "prepend_space_in_encode": dummy_prefix(tok.json),
+            "strip_space_in_decode": "Strip" in json.dumps(tok.json.get("decoder"))}
 
 
 def chat_config(ckpt: Checkpoint, layout: str, context: int, chunk: int, tokenizer_files: list[str]) -> dict:

@@ -102,6 +102,14 @@ def json_kind(tok_json: dict, where: str = "tokenizer.json") -> str:
                     "SentencePiece-derived (byte fallback with `▁` for spaces) is not supported")
 
 
+def dummy_prefix(tok_json: dict) -> bool:
+    """Whether a SentencePiece-derived tokenizer.json puts `▁` before the text (SentencePiece's add_dummy_prefix): a
+    Prepend("▁") normaliser (Llama's legacy layout) or a Metaspace pre-tokenizer with prepend_scheme first/always."""
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")], ensure_ascii=False)
+    return '"type": "Prepend", "prepend": "▁"' in text or '"prepend_scheme": "first"' in text \
+        or '"prepend_scheme": "always"' in text or ('"Metaspace"' in text and '"add_prefix_space": true' in text)
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

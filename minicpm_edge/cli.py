@@ -167,7 +167,7 @@ def eval_(
     if sparsity:
         from .model import Tokenizer
 
-        tokens = Tokenizer(ref / "tokenizer.model").encode(ev.eval_text(data))
+        tokens = Tokenizer(ref).encode(ev.eval_text(data))
         report["sparsity"] = {"ref": ev.sparsity(ref, tokens, ctx, chunks), "quant": ev.sparsity(quant, tokens, ctx, chunks)}
     t = table("model", "runtime", "PPL", title=f"{report['method']} perplexity convention, ctx {report['ctx']}, "
               f"{report['tokens_scored']:,} tokens scored in {report['chunks']} chunks ({report['data']})")

@@ -26,8 +26,9 @@ def eval_text(data: str | Path | None) -> str:
     return "\n\n".join(docs)
 
 
-def windows(tokens: list[int], ctx: int, method: str, bos_id: int) -> list[tuple[list[int], int]]:
-    """(window ids, first scored position) per chunk; position j predicts ids[j + 1]."""
+def windows(tokens: list[int], ctx: int, method: str, bos_id: int | None) -> list[tuple[list[int], int]]:
+    """(window ids, first scored position) per chunk; position j predicts ids[j + 1]. With the llama convention each
+    chunk starts with BOS, unless the tokenizer adds none (bos_id None), as llama-perplexity does."""
     if method not in METHODS:
         raise UserError(f"unknown perplexity method {method!r}; choose llama or gptq")
     if ctx < 8:
@@ -39,7 +40,8 @@ def windows(tokens: list[int], ctx: int, method: str, bos_id: int) -> list[tuple
     for k in range(n):
         ids = list(tokens[k * ctx:(k + 1) * ctx])
         if method == "llama":
-            ids[0] = bos_id
+            if bos_id is not None:
+                ids[0] = bos_id
             out.append((ids, ctx // 2))
         else:
             out.append((ids, 0))
@@ -52,7 +54,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare(ref, quant, tokens: list[int], ctx: int = 512, method: str = "llama", bos_id: int = 1,
+def compare(ref, quant, tokens: list[int], ctx: int = 512, method: str = "llama", bos_id: int | None = 1,
             max_chunks: int | None = None, on_chunk=None) -> dict:
     """Score both runners on the same windows. Returns the report dict (PPL, drift, KL, top-1)."""
     chunks = windows(tokens, ctx, method, bos_id)[:max_chunks]
@@ -88,13 +90,16 @@ def evaluate(ref_path: Path, quant_path: Path, data=None, ctx: int = 512, method
              threads: int | None = None, on_chunk=None) -> dict:
     """Open both artifacts in their runtimes, tokenise the evaluation text with the reference's tokenizer, compare."""
     from .model import Checkpoint, Tokenizer
+    from .model.hub import resolve_model
+    from .model.tokenizer import TOKENIZER_NAMES
     from .runtimes import open_runner
 
+    ref_path, quant_path = resolve_model(ref_path), resolve_model(quant_path)
+
     tok_dir = Path(ref_path) if Path(ref_path).is_dir() else Path(quant_path)
-    tok_path = tok_dir / "tokenizer.model"
-    if not tok_path.is_file():
-        raise UserError(f"{tok_dir}: tokenizer.model not found (needed to tokenise the evaluation text)")
-    tok = Tokenizer(tok_path)
+    if not any((tok_dir / n).is_file() for n in TOKENIZER_NAMES):
+        raise UserError(f"{tok_dir}: no tokenizer.model or tokenizer.json (needed to tokenise the evaluation text)")
+    tok = Tokenizer(tok_dir)
     tokens = tok.encode(eval_text(data), bos=True)
     ref = open_runner(ref_path, ref_runtime, threads=threads, n_ctx=ctx)
     quant = None
@@ -103,7 +108,7 @@ def evaluate(ref_path: Path, quant_path: Path, data=None, ctx: int = 512, method
         if ref.vocab_size != quant.vocab_size:
             raise UserError(f"vocabularies differ: {ref_path} has {ref.vocab_size}, {quant_path} has {quant.vocab_size}")
         tok.check_vocab(ref.vocab_size)
-        report = compare(ref, quant, tokens, ctx, method, tok.bos_id, max_chunks, on_chunk)
+        report = compare(ref, quant, tokens, ctx, method, tok.bos_id if tok.add_bos else None, max_chunks, on_chunk)
     finally:  # both models go before the next one is loaded (sweeps evaluate many)
         for r in (ref, quant):
             if r is not None:

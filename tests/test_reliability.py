@@ -409,7 +409,7 @@ def _(t):
     return ["quantize", d, *FAST, "--out", t.out()], t.out()
 
 
-@case("tokenizer-missing-export", "tokenizer.model not found; GGUF files carry their tokenizer")
+@case("tokenizer-missing-export", "no tokenizer.model or tokenizer.json; GGUF files carry their tokenizer")
 def _(t):
     d = t.copy("bundled_gptq")
     (d / "tokenizer.model").unlink()

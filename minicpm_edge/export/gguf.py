@@ -10,6 +10,7 @@ whole rows of codes and the matching scale columns, so nothing is re-quantised.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -19,6 +20,7 @@ import torch
 from ..errors import UserError
 from ..model import Checkpoint, rope
 from ..model.checkpoint import LINEARS
+from ..model.hub import model_name
 from ..model.tokenizer import CHAT_TEMPLATE
 
 QT = gguf.GGMLQuantizationType
@@ -63,7 +65,10 @@ def q4_codes(blocks: np.ndarray, k: int, qtype) -> tuple[np.ndarray, np.ndarray,
 
 
 def tokenizer_metadata(path: Path) -> dict:
-    """Tokens, scores and types from a SentencePiece model, and whether llama.cpp reproduces its normaliser."""
+    """The llama.cpp vocabulary of a tokenizer.model or tokenizer.json: model ("llama" / "gpt2"), pre-tokenizer, tokens,
+    scores, types (and merges), special ids, and whether llama.cpp reproduces its normaliser."""
+    if path.suffix == ".json":
+        return json_vocab(path)
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
@@ -79,9 +84,83 @@ def tokenizer_metadata(path: Path) -> dict:
     ns = proto.normalizer_spec
     faithful = ns.name == "identity" and not ns.remove_extra_whitespaces and not ns.precompiled_charsmap
     t = proto.trainer_spec
-    return {"tokens": [p.piece for p in proto.pieces], "scores": [p.score for p in proto.pieces],
-            "types": [kinds[p.type] for p in proto.pieces], "bos": t.bos_id, "eos": t.eos_id, "unk": t.unk_id,
-            "pad": t.pad_id, "normalizer": ns.name, "faithful": faithful}
+    return {"model": "llama", "pre": "default", "tokens": [p.piece for p in proto.pieces],
+            "scores": [p.score for p in proto.pieces], "types": [kinds[p.type] for p in proto.pieces],
+            "bos": t.bos_id, "eos": t.eos_id, "unk": t.unk_id, "pad": t.pad_id, "add_bos": True,
+            "chat_template": CHAT_TEMPLATE, "normalizer": ns.name, "faithful": faithful}
+
+
+def json_vocab(path: Path) -> dict:
+    """tokenizer_metadata of a tokenizer.json (model/tokenizer.py `json_kind`).
+
+    SentencePiece-derived -> "llama": llama.cpp's SPM tokenizer merges the adjacent pair whose joined text is the
+    token of highest score, so each token scores minus the rank of the first merge that makes it (tokens no merge
+    makes score below all of those); `<0xXX>` pieces are BYTE, added special tokens CONTROL, other added tokens
+    USER_DEFINED. (gguf-py's LlamaHfVocab gives every token -1000, which ties every merge.)
+    Byte-level BPE -> "gpt2" with the merges and the pre-tokenizer name llama.cpp knows (`llama_cpp_pre`).
+    """
+    from ..model.tokenizer import Tokenizer, dummy_prefix, llama_cpp_pre
+
+    tok = Tokenizer(path)
+    data, model = tok.json, tok.json["model"]
+    vocab = dict(model.get("vocab") or {})
+    added = {a["id"]: a for a in data.get("added_tokens") or []}
+    for i, a in added.items():
+        vocab[a["content"]] = i
+    n = max(vocab.values()) + 1
+    tokens = [None] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    if None in tokens:
+        raise UserError(f"{path}: token ids are not contiguous (id {tokens.index(None)} has no token)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    types = [(3 if added[i].get("special") else 4) if i in added else 1 for i in range(n)]
+    norm = data.get("normalizer")
+    pad = tok.hf.token_to_id(_special(tok.config.get("pad_token")) or "")
+    out = {"tokens": tokens, "types": types, "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id,
+           "pad": -1 if pad is None else pad, "add_bos": tok.add_bos,
+           "chat_template": tok.chat_template or CHAT_TEMPLATE, "normalizer": json.dumps(norm)[:80] if norm else "none"}
+    if tok.kind == "bpe":
+        out.update(model="gpt2", pre=llama_cpp_pre(data, str(path)), merges=merges, faithful=norm is None)
+        return out
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", "", 1), r)
+    scores = [0.0 if i in added else -float(rank.get(t, len(merges) + i)) for i, t in enumerate(tokens)]
+    for i, t in enumerate(tokens):
+        if i not in added and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = 6
+    if 0 <= tok.unk_id < n and tok.unk_id not in added:
+        types[tok.unk_id] = 2
+    steps = [x.get("type") for x in (norm.get("normalizers") or [norm])] if isinstance(norm, dict) else []
+    out.update(model="llama", pre="default", scores=scores, add_space_prefix=dummy_prefix(data),
+               faithful=set(steps) <= {"Prepend", "Replace"})
+    return out
+
+
+def _special(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def add_vocab(w: gguf.GGUFWriter, tok: dict) -> None:
+    """The tokenizer.ggml.* keys and the chat template of a tokenizer_metadata dict."""
+    w.add_tokenizer_model(tok["model"])
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    if "scores" in tok:
+        w.add_token_scores(tok["scores"])
+    w.add_token_types(tok["types"])
+    if "merges" in tok:
+        w.add_token_merges(tok["merges"])
+    if "add_space_prefix" in tok:
+        w.add_add_space_prefix(tok["add_space_prefix"])
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if tok[key] is not None and tok[key] >= 0:
+            add(tok[key])
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_add_eos_token(False)
+    w.add_chat_template(tok["chat_template"])
 
 
 class Plan:
@@ -183,7 +262,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     if embedding not in EMBEDDINGS:
         raise UserError(f"--embedding {embedding}: choose f16, f32 or q8_0")
     if ckpt.tokenizer_path is None:
-        raise UserError(f"{ckpt.dir}: tokenizer.model not found; GGUF files carry their tokenizer")
+        raise UserError(f"{ckpt.dir}: no tokenizer.model or tokenizer.json; GGUF files carry their tokenizer")
     tok = tokenizer_metadata(ckpt.tokenizer_path)
     if len(tok["tokens"]) != c.vocab_size:
         raise UserError(f"{ckpt.tokenizer_path}: {len(tok['tokens'])} pieces but vocab_size is {c.vocab_size}; "
@@ -191,7 +270,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     plan = Plan(ckpt, linear_type, EMBEDDINGS[embedding])
 
     w = gguf.GGUFWriter(path, "minicpm")
-    w.add_name(name or ckpt.dir.name)
+    w.add_name(name or model_name(ckpt.dir))
     w.add_file_type(FILE_TYPES[linear_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(c.exact_context)  # exact up to here (dynamic NTK: plain rotary up to max_position_embeddings)
@@ -215,19 +294,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     w.add_embedding_scale(c.embedding_scale)
     w.add_residual_scale(c.residual_scale)
     w.add_logit_scale(c.logit_scale)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tok["tokens"])
-    w.add_token_scores(tok["scores"])
-    w.add_token_types(tok["types"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
-    w.add_unk_token_id(tok["unk"])
-    if tok["pad"] >= 0:
-        w.add_pad_token_id(tok["pad"])
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_vocab(w, tok)
     for gname, shape, nbytes, qtype, _ in plan.items:
         raw_shape = (shape[0], nbytes // shape[0]) if qtype not in (QT.F16, QT.F32) and len(shape) == 2 else shape
         np_dtype = {QT.F16: np.float16, QT.F32: np.float32}.get(qtype, np.uint8)
@@ -251,5 +318,6 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
         w.write_tensor_data(np.ascontiguousarray(data))
     w.close()
     return {"file": path.name, "type": linear_type.name, "embedding": EMBEDDINGS[embedding].name,
-            "tensors": len(plan.items), "tokenizer_normalizer": tok["normalizer"],
+            "tensors": len(plan.items), "tokenizer": f"{tok['model']} ({tok['pre']})",
+            "tokenizer_normalizer": tok["normalizer"],
             "tokenizer_faithful_in_llama_cpp": tok["faithful"], "model": c.notes()}

@@ -16,7 +16,9 @@ GUIDE = TARGET_DIR / "README.md"
 
 
 def gguf_name(ckpt: Checkpoint, kind: str) -> str:
-    return f"{ckpt.dir.name}-{kind}.gguf"
+    from ..model.hub import model_name
+
+    return f"{model_name(ckpt.dir)}-{kind}.gguf"
 
 
 def export_ios(checkpoint: Path, out: Path, force: bool = False, dtype: str = "f16", embedding: str = "f16") -> Path:

@@ -28,14 +28,16 @@ from ..artifact import staging
 from ..errors import UserError
 from ..model import Checkpoint
 from ..model.checkpoint import LINEARS
-from ..model.tokenizer import AI, USER
+from ..model.hub import model_name
+from ..model.tokenizer import AI, USER, Tokenizer, dummy_prefix
 
 LAYOUTS = {"q4f16_0": "KN", "q4f16_1": "NK"}
 TARGETS = ("android", "harmony")
 GROUP = 32
 SHARD_CAP = 32 << 20  # tvmjs.dump_tensor_cache's shard_cap_mb=32
 CACHE_FILES = ("tensor-cache.json", "ndarray-cache.json")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")  # a SentencePiece checkpoint: the runtime's SP path
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a tokenizer.json-only checkpoint
 SAMPLING = {"temperature": 0.5, "top_p": 0.8, "repetition_penalty": 1.02, "presence_penalty": 0.0,
             "frequency_penalty": 0.0}  # MiniCPM's chat defaults (as in the iOS template)
 GUIDE = Path(__file__).resolve().parents[2] / "targets" / "android" / "README.md"
@@ -179,7 +181,7 @@ def check_exportable(ckpt: Checkpoint) -> None:
     for m in LINEARS:
         check_linear(ckpt, f"model.layers.0.{m}")
     if ckpt.tokenizer_path is None:
-        raise UserError(f"{where}: no tokenizer.model; the MLC runtime needs the SentencePiece tokenizer beside "
+        raise UserError(f"{where}: no tokenizer.model or tokenizer.json; the MLC runtime needs the tokenizer beside "
                         "the weights")
 
 
@@ -249,6 +251,27 @@ def conversation(c) -> dict:
             "function_string": "", "use_function_calling": False}
 
 
+def tokenizer_files(ckpt: Checkpoint) -> list[str]:
+    names = TOKENIZER_FILES if ckpt.tokenizer_path.suffix == ".model" else JSON_TOKENIZER_FILES
+    return [n for n in names if (ckpt.dir / n).is_file()]
+
+
+def tokenizer_info(ckpt: Checkpoint) -> dict:
+    """mlc's tokenizer_info: how its runtime turns token strings back into bytes.
+
+    tokenizer.model alone: the SentencePiece path and its default info. A tokenizer.json: "byte_level" for byte-level
+    BPE (GPT-2's byte-to-unicode table), "byte_fallback" for a SentencePiece-derived one (`▁` for spaces, `<0xXX>`
+    pieces), with the dummy-prefix space it prepends and strips again."""
+    info = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False, "strip_space_in_decode": False}
+    if ckpt.tokenizer_path.suffix == ".model":
+        return info
+    tok = Tokenizer(ckpt.tokenizer_path)
+    if tok.kind == "bpe":
+        return {**info, "token_postproc_method": "byte_level"}
+    return {**info, "prepend_space_in_encode": dummy_prefix(tok.json),
+            "strip_space_in_decode": "Strip" in json.dumps(tok.json.get("decoder"))}
+
+
 def chat_config(ckpt: Checkpoint, layout: str, context: int, chunk: int, tokenizer_files: list[str]) -> dict:
     c = ckpt.config
     model_config = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -269,10 +292,7 @@ def chat_config(ckpt: Checkpoint, layout: str, context: int, chunk: int, tokeniz
             "vocab_size": c.vocab_size, "context_window_size": context, "sliding_window_size": -1,
             "prefill_chunk_size": chunk, "attention_sink_size": -1, "tensor_parallel_shards": 1,
             "pipeline_parallel_stages": 1, "active_vocab_size": c.vocab_size, **sampling,
-            "tokenizer_files": tokenizer_files,
-            # tokenizer.model alone (no tokenizer.json): the runtime's SentencePiece path and its default info
-            "tokenizer_info": {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
-                               "strip_space_in_decode": False},
+            "tokenizer_files": tokenizer_files, "tokenizer_info": tokenizer_info(ckpt),
             "conv_template": conversation(c), "pad_token_id": int(c.raw.get("pad_token_id") or 0),
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "model_task": "chat",
             "embedding_metadata": None}
@@ -304,7 +324,7 @@ def export_mlc(checkpoint: Path, out: Path, *, target: str = "android", layout: 
         raise UserError(f"layout {layout!r} is not supported; choose q4f16_0 (default) or q4f16_1")
     out = Path(out)
     with Checkpoint(checkpoint) as ckpt:
-        model_id = model_id or f"{ckpt.dir.resolve().name}-{layout}-MLC"
+        model_id = model_id or f"{model_name(ckpt.dir.resolve())}-{layout}-MLC"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_id):
             raise UserError(f"model id {model_id!r} must be letters, digits, '.', '_' or '-' "
                             "(it names a folder on the phone)")
@@ -318,10 +338,10 @@ def export_mlc(checkpoint: Path, out: Path, *, target: str = "android", layout: 
             for name, array in params(ckpt, layout):
                 cache.add(name, array)
             meta = cache.finish(source_params(ckpt))
-            tokenizer_files = [n for n in TOKENIZER_FILES if (ckpt.dir / n).is_file()]
-            for n in tokenizer_files:
+            files = tokenizer_files(ckpt)
+            for n in files:
                 shutil.copy(ckpt.dir / n, folder / n)
-            write_json(folder / "mlc-chat-config.json", chat_config(ckpt, layout, context, chunk, tokenizer_files))
+            write_json(folder / "mlc-chat-config.json", chat_config(ckpt, layout, context, chunk, files))
             lib = re.sub(r"\W", "_", f"minicpm_{model_id}")  # a C identifier: the system-lib prefix
             kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * 2
             activations = chunk * (c.vocab_size + 4 * c.intermediate_size + 8 * c.hidden_size) * 4

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..model import Checkpoint
 from ..model import rope as rotary
 from ..model.config import ModelConfig
-from ..model.tokenizer import CHAT_TEMPLATE, hf_tokenizer
+from ..model.tokenizer import CHAT_TEMPLATE, Tokenizer, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
 from ..quant.format import QuantizedLinear
 
@@ -55,7 +55,8 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
             raise UserError(f"{checkpoint}: {spec.bits}-bit weights have no MatMulNBits kernel; quantise with "
                             f"--bits 4 (ONNX takes {', '.join(map(str, NBITS))})")
         if ckpt.tokenizer_path is None:
-            raise UserError(f"{checkpoint}: no tokenizer.model; copy the model's tokenizer files into the checkpoint")
+            raise UserError(f"{checkpoint}: no tokenizer.model or tokenizer.json; copy the model's tokenizer files "
+                            "into the checkpoint")
         with staging(Path(out), force, "onnx") as tmp:
             with open(tmp / DATA, "wb") as data:
                 g = _Graph(data)
@@ -111,21 +112,24 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(v << (np.arange(per, dtype=np.uint8) * bits), axis=-1).astype(np.uint8)
 
 
-def _genai_tokenizer(folder: Path, sp_model: Path) -> None:
-    """What onnxruntime-genai's tokenizer reads: tokenizer.json (made from the SentencePiece model when the checkpoint
-    has none) and a tokenizer_config.json whose chat_template is a string (genai refuses null)."""
+def _genai_tokenizer(folder: Path, tok_path: Path) -> None:
+    """What onnxruntime-genai's tokenizer reads: tokenizer.json (the checkpoint's own, or made from the SentencePiece
+    model when it has none) and a tokenizer_config.json whose chat_template is a string (genai refuses null)."""
+    tok = Tokenizer(tok_path)
     if not (folder / "tokenizer.json").is_file():
-        hf_tokenizer(sp_model).save(str(folder / "tokenizer.json"))
+        hf_tokenizer(tok_path).save(str(folder / "tokenizer.json"))
     path = folder / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
-        raise UserError(f"{sp_model.parent / path.name}: not valid JSON ({e})") from None
-    config.setdefault("tokenizer_class", "LlamaTokenizer")
-    config.update({k: config.get(k) or v for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))})
-    config.setdefault("add_bos_token", True)
+        raise UserError(f"{tok_path.parent / path.name}: not valid JSON ({e})") from None
+    config.setdefault("tokenizer_class", "GPT2Tokenizer" if tok.kind == "bpe" else "LlamaTokenizer")
+    config.update({k: config.get(k) or v for k, v in (("bos_token", tok.piece(tok.bos_id)),
+                                                      ("eos_token", tok.piece(tok.eos_id)),
+                                                      ("unk_token", tok.piece(tok.unk_id))) if v is not None})
+    config.setdefault("add_bos_token", tok.add_bos)
     if not isinstance(config.get("chat_template"), str):
-        config["chat_template"] = "{{ bos_token }}" + CHAT_TEMPLATE
+        config["chat_template"] = ("{{ bos_token }}" if tok.add_bos else "") + CHAT_TEMPLATE
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -26,7 +26,9 @@ class Checkpoint:
     """An HF checkpoint directory: its config, tokenizer path, and tensors read one at a time."""
 
     def __init__(self, model_dir: str | Path):
-        self.dir = Path(model_dir)
+        from .hub import resolve_model
+
+        self.dir = resolve_model(model_dir)  # a hub id (owner/name) becomes its cached snapshot
         if not self.dir.is_dir():
             raise UserError(f"{model_dir}: not a directory")
         self._where: dict[str, Path] = {}  # tensor name -> file
@@ -225,8 +227,10 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        p = self.dir / "tokenizer.model"
-        return p if p.is_file() else None
+        """tokenizer.model (SentencePiece) where there is one, else tokenizer.json; None when neither is there."""
+        from .tokenizer import TOKENIZER_NAMES
+
+        return next((self.dir / n for n in TOKENIZER_NAMES if (self.dir / n).is_file()), None)
 
     def close(self) -> None:
         """Drop the open files (and their memory maps), and hand the memory freed so far back to the OS."""

@@ -95,7 +95,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
         if out.exists() and not force:
             raise UserError(f"{out} exists; add --force to replace it")
         if ckpt.tokenizer_path is None:
-            raise UserError(f"{model_dir}: no tokenizer.model (needed to tokenise the calibration text)")
+            raise UserError(f"{model_dir}: no tokenizer.model or tokenizer.json (needed to tokenise the calibration text)")
         tok = Tokenizer(ckpt.tokenizer_path)
         tok.check_vocab(cfg.vocab_size)
         tokens = calib.calibration_batches(tok, calib.load_documents(opts.calib), opts.nsamples, opts.seqlen,

@@ -47,7 +47,9 @@ def detect(path: Path) -> str:
 
 
 def open_runner(path: Path, runtime: str | None = None, threads: int | None = None, n_ctx: int = 2048):
-    path = Path(path)
+    from ..model.hub import resolve_model
+
+    path = resolve_model(path)
     runtime = runtime or detect(path)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")

@@ -6,7 +6,7 @@ import pytest
 
 from minicpm_edge.inspect import summarize
 from minicpm_edge.model import Checkpoint, Tokenizer
-from minicpm_edge.model.synthetic import BUNDLED_TOKENIZER, SHAPES, write_synthetic
+from minicpm_edge.model.synthetic import BUNDLED_TOKENIZER, write_synthetic
 
 EXPECT = {  # FORMATS.md section 0
     "minicpm-2b": dict(hidden_size=2304, intermediate_size=5760, num_attention_heads=36, num_key_value_heads=36,

@@ -277,7 +277,7 @@ def _(t):
     return ["inspect", edit_config(t.copy("variant"), hidden_size=...)], None
 
 
-@case("config-heads-contradict-hidden-size", "hidden_size 128 is not num_attention_heads 3")
+@case("config-heads-contradict-hidden-size", "hidden_size 128 is not a multiple of num_attention_heads 3")
 def _(t):
     return ["quantize", edit_config(t.copy("variant"), num_attention_heads=3, num_key_value_heads=3), *FAST,
             "--out", t.out()], t.out()
@@ -313,7 +313,7 @@ def _(t):
     return ["quantize", d, *FAST, "--out", t.out()], t.out()
 
 
-@case("unsupported-mixture-of-experts", "mixture-of-experts models are not supported")
+@case("unsupported-mixture-of-experts", "mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported")
 def _(t):
     return ["export", edit_config(t.copy("bundled_gptq"), num_experts=8), "--target", "ios", "--out", t.out()], t.out()
 

@@ -64,11 +64,13 @@ synthetic: install
 
 # Our GPTQ checkpoint through transformers + optimum + gptqmodel 7.6.0 (own venv: it pins numpy 2.2.6).
 GQ_VENV ?= .venv-gptqmodel
+$(GQ_VENV)/.installed: INSTALL_LOG := $(OUT)/install-gptqmodel.log
 $(GQ_VENV)/.installed:
-	test -x $(GQ_VENV)/bin/python || python3 -m venv $(GQ_VENV)
-	$(GQ_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(GQ_VENV)/bin/python -m pip install -q gptqmodel==7.6.0 optimum sentencepiece
-	touch $@
+	@mkdir -p $(dir $(INSTALL_LOG)) && : > $(INSTALL_LOG)
+	@$(call step,virtual environment $(GQ_VENV),test -x $(GQ_VENV)/bin/python || python3 -m venv $(GQ_VENV))
+	@$(call step,torch for gptqmodel ($(TORCH_SPEC)),$(GQ_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)")
+	@$(call step,gptqmodel 7.6.0 + optimum,$(GQ_VENV)/bin/python -m pip install -q gptqmodel==7.6.0 optimum sentencepiece)
+	@touch $@
 interop: install $(GQ_VENV)/.installed
 	$(PY) tests/interop/gptqmodel_interop.py export $(OUT)/interop-gptq
 	GPTQMODEL_CPU_WORKERS=2 $(GQ_VENV)/bin/python tests/interop/gptqmodel_interop.py check $(OUT)/interop-gptq

@@ -175,11 +175,11 @@ def eval_(
     t.add_row(str(quant), report["quant"]["runtime"], f"{report['quant']['ppl']:.4f}")
     show.print(t)
     show.print(f"drift {report['drift']:+.3%} (± {report['drift_se']:.3%}); KL divergence mean {report['kl_mean']:.5f}, "
-                  f"p99 {report['kl_p99']:.5f}; top-1 agreement {report['top1']:.4f}")
+               f"p99 {report['kl_p99']:.5f}; top-1 agreement {report['top1']:.4f}")
     if "sparsity" in report:
         s = report["sparsity"]
         show.print("zero FFN activations per layer: ref " + ", ".join(f"{x:.3f}" for x in s["ref"]) +
-                      "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]))
+                   "; quant " + ", ".join(f"{x:.3f}" for x in s["quant"]))
     if json_out:
         write_json(json_out, report)
     if plot:
@@ -261,9 +261,9 @@ def bench_run(
     show.print(t)
     bound = summary["decode_bound"]
     show.print(f"artifact {summary['artifact']['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token'] / 2**20:.2f} MiB "
-                  f"read per token, memory bandwidth {summary['bandwidth_gbs']:.1f} GB/s (measured): decode bound "
-                  + (f"{bound:.1f} tok/s, measured {summary['decode']['tokens_per_s'] / bound:.0%} of it" if bound else
-                     "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
+               f"read per token, memory bandwidth {summary['bandwidth_gbs']:.1f} GB/s (measured): decode bound "
+               + (f"{bound:.1f} tok/s, measured {summary['decode']['tokens_per_s'] / bound:.0%} of it" if bound else
+                  "unknown") + f"; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
     show.print(f"{new} new rows in {where}")
     if json_out:
         write_json(json_out, summary)

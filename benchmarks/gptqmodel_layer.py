@@ -11,12 +11,12 @@ and each module's relative output error on the layer's real inputs, measured the
 our reader.
 
 --rounds R repeats ours and the peer alternately (ours, peer, ours, peer, ...: the machine's other load hits both alike)
-and prints medians and ranges. The floor: the layer's matrix-multiply FLOPs (one forward of the calibration tokens,
-causal attention; the four Hessians X^T X as GEMMs; per Hessian a Cholesky, the inverse from it and the inverse's
-Cholesky, 4/3 K^3; the GPTQ solver's in-block and lazy block updates, blocksize 128) at this machine's fp32 GEMM rate
-(torch.mm on a 4096 square at the thread count the quantiser uses, measured each round). Each of our runs goes through
-benchmarks/phases.py, which times every phase from outside the product code; the table puts each phase beside its
-floor.
+and prints medians and ranges. The floor: the layer's matrix-multiply FLOPs (one forward of the calibration tokens with
+causal attention; the four Hessians X^T X, symmetric, so half a GEMM's work; per Hessian the upper Cholesky factor of
+its inverse, as one Cholesky and one triangular inverse, 2/3 K^3; the GPTQ solver's in-block and lazy block updates,
+blocksize 128) at this machine's fp32 GEMM rate (torch.mm on a 4096 square at the thread count the quantiser uses,
+measured each round). Each of our runs goes through benchmarks/phases.py, which times every phase from outside the
+product code; the table puts each phase beside its floor.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def floor_flops(c, tokens: int, seqlen: int, blocksize: int = BLOCKSIZE) -> dict
         return total
 
     return {"forwards": 2 * tokens * sum(n * k for n, k in mods) + 2 * tokens * (seqlen + 1) * q,  # + causal QK^T, PV
-            "hessians": sum(2 * tokens * k * k for k in hessian_k),
-            "cholesky": sum(4 / 3 * k ** 3 for k in hessian_k),
+            "hessians": sum(tokens * k * (k + 1) for k in hessian_k),  # X^T X symmetric: K(K+1)/2 dot products
+            "cholesky": sum(2 / 3 * k ** 3 for k in hessian_k),
             "solver": sum(solver(n, k) for n, k in mods)}
 
 

@@ -5,8 +5,9 @@
 Writes a 1-layer synthetic MiniCPM-2B-shaped checkpoint, quantises it with `minicpm-edge quantize` and, in the gptqmodel
 venv, with GPTQModel (the checkpoint re-labelled GraniteForCausalLM, which gptqmodel quantises as a llama clone and
 which computes MiniCPM's muP math), both w4 g32 symmetric, damp 0.01, on identical token ids; gptqmodel with its
-defaults otherwise (act_group_aware on, i.e. GAR column order). Ours runs once per --ours setting: COMPUTE[:ORDER],
-compute fp32 or bf16, --order act (default), gar or natural. Prints seconds for the layer, the speed ratios,
+defaults otherwise (act_group_aware on, i.e. GAR column order; model dtype bfloat16 on any CPU, so its layer forwards
+run in bf16, fast only where the CPU has AVX512-BF16 or AMX; --peer-dtype float32 makes them fp32). Ours runs once
+per --ours setting: COMPUTE[:ORDER], compute fp32 or bf16, --order act (default), gar or natural. Prints seconds for the layer, the speed ratios,
 and each module's relative output error on the layer's real inputs, measured the same way for every checkpoint by
 our reader.
 
@@ -39,11 +40,11 @@ PEER = ROOT / ".venv-gptqmodel" / "bin" / "python"
 PEER_SCRIPT = r"""
 import json, sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
-src, out, ids_path = sys.argv[1:4]
+src, out, ids_path, dtype = sys.argv[1:5]
 ids = json.load(open(ids_path))
 calib = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long)} for r in ids]
 qc = QuantizeConfig(bits=4, group_size=32, sym=True, desc_act=False, damp_percent=0.01)
-model = GPTQModel.load(src, qc)
+model = GPTQModel.load(src, qc, **({} if dtype == "auto" else {"dtype": getattr(torch, dtype)}))
 t = time.time()
 model.quantize(calib, batch_size=1)
 print(json.dumps({"seconds": time.time() - t}))
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--ours", default="fp32,bf16,bf16:gar,bf16:natural", help="our settings COMPUTE[:ORDER], comma-separated")
     ap.add_argument("--rounds", type=int, default=1, help="repeat ours and the peer alternately this many times")
     ap.add_argument("--no-peer", action="store_true", help="ours (and the floor) only")
+    ap.add_argument("--peer-dtype", default="auto", help="gptqmodel's model dtype: auto (its choice: bfloat16 on any "
+                    "CPU) or float32 (its layer forwards in fp32 like ours at --compute fp32)")
     a = ap.parse_args()
     if not a.no_peer and not PEER.exists():
         raise SystemExit(f"{PEER} missing: run `make interop` first")
@@ -154,13 +157,16 @@ def main() -> None:
             continue
         shutil.rmtree(root / "peer", ignore_errors=True)
         t0 = time.time()
-        p = subprocess.run([str(PEER), "-c", PEER_SCRIPT, str(granite), str(root / "peer"), str(root / "ids.json")],
+        p = subprocess.run([str(PEER), "-c", PEER_SCRIPT, str(granite), str(root / "peer"), str(root / "ids.json"),
+                            a.peer_dtype],
                            capture_output=True, text=True, env=env)
         if p.returncode:
             sys.stderr.write(p.stderr[-3000:])
             raise SystemExit("gptqmodel run failed")
         peer_s = next(json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"seconds"'))["seconds"]
         peer.append((peer_s, time.time() - t0))
+        print(f"round {len(peer)}: GEMM {rates[-1] / 1e9:.0f} GFLOP/s; " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in ours.items())
+              + f"; gptqmodel {peer_s:.1f} s", flush=True)
 
     # each module's relative output error on the layer's real inputs, the same measure for both checkpoints
     h = torch.nn.functional.embedding(ids, Checkpoint(model).embedding()) * c.embedding_scale
@@ -202,7 +208,7 @@ def main() -> None:
         print(f"  minicpm-edge {k}: {spread(secs)} s for the layer (wall incl. start-up and writing "
               f"{spread([r[1] for r in runs])} s): {statistics.median(secs) / floor_s:.2f}x the floor{vs_peer}")
     if peer:
-        print(f"  gptqmodel 7.6.0: {spread([s for s, _ in peer])} s in quantize() (wall {spread([w for _, w in peer])} s): "
+        print(f"  gptqmodel 7.6.0 (dtype {a.peer_dtype}): {spread([s for s, _ in peer])} s in quantize() (wall {spread([w for _, w in peer])} s): "
               f"{peer_s / floor_s:.2f}x the floor")
     print("  our seconds per phase (benchmarks/phases.py), median over rounds; floor = that phase's FLOPs at the GEMM rate:")
     print("    " + f"{'phase':9s}" + "".join(f"{k:>16s}" for k in ours) + f"{'floor':>10s}")

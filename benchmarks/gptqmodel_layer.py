@@ -210,7 +210,7 @@ def main() -> None:
     if peer:
         print(f"  gptqmodel 7.6.0 (dtype {a.peer_dtype}): {spread([s for s, _ in peer])} s in quantize() (wall {spread([w for _, w in peer])} s): "
               f"{peer_s / floor_s:.2f}x the floor")
-    print("  our seconds per phase (benchmarks/phases.py), median over rounds; floor = that phase's FLOPs at the GEMM rate:")
+    print("  our seconds per phase (benchmarks/phases.py), median over rounds; floor = that phase's FLOPs at the fp32 GEMM rate:")
     print("    " + f"{'phase':9s}" + "".join(f"{k:>16s}" for k in ours) + f"{'floor':>10s}")
     for ph in PHASES:
         row = [statistics.median(r[2].get(ph, 0.0) for r in runs) for runs in ours.values()]

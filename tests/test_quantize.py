@@ -131,13 +131,17 @@ def test_column_orders_on_real_activations(bundled, quantized, tmp_path):
         quantize_checkpoint(bundled, tmp_path / "x", QuantOptions(order="desc", **FAST))
 
 
-def test_refusals(bundled, quantized, tmp_path):
+def test_refusals(bundled, quantized, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="exists; add --force"):
         quantize_checkpoint(bundled, quantized[0], QuantOptions(**FAST))
     with pytest.raises(UserError, match="already a GPTQ checkpoint"):
         quantize_checkpoint(quantized[0], tmp_path / "x", QuantOptions(**FAST))
     with pytest.raises(UserError, match="calibration text too short"):
         quantize_checkpoint(bundled, tmp_path / "y", QuantOptions(nsamples=4096, seqlen=512))
+    for device in ("mps", "gpu", "cuda:x"):
+        with pytest.raises(UserError, match="choose cpu or cuda"):
+            quantize_checkpoint(bundled, tmp_path / "z", QuantOptions(device=device, **FAST))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here, whether or not a GPU is present
     with pytest.raises(UserError, match="no CUDA device"):
         quantize_checkpoint(bundled, tmp_path / "z", QuantOptions(device="cuda", **FAST))
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

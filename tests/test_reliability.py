@@ -307,6 +307,11 @@ def _(t):
     return ["quantize", d, *FAST, "--out", t.out()], t.out()
 
 
+@case("quantize-device-unknown", "--device 'mps': choose cpu or cuda")
+def _(t):
+    return ["quantize", t.request.getfixturevalue("variant"), *FAST, "--device", "mps", "--out", t.out()], t.out()
+
+
 @case("unsupported-architecture", "unsupported architecture MiniCPM3ForCausalLM")
 def _(t):
     d = edit_config(t.copy("variant"), architectures=["MiniCPM3ForCausalLM"], model_type="minicpm3")

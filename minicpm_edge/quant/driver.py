@@ -33,6 +33,7 @@ GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
 SHARD_BYTES = 2**30  # also bounds the memory used to assemble the checkpoint
+KEEP_BYTES = 2**31  # the most memory a layer's down_proj inputs may take to be kept rather than recomputed
 
 
 @dataclass
@@ -83,8 +84,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             raise UserError(f"grid search {opts.search!r}: choose {', '.join(SEARCHES)}")
         if opts.order not in ORDERS:
             raise UserError(f"--order {opts.order!r}: choose {', '.join(ORDERS)}")
-        if opts.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        _check_device(opts.device)
         if opts.compute == "auto":
             opts = replace(opts, compute=auto_compute(opts.device))
         if opts.compute not in COMPUTE:
@@ -123,6 +123,20 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             reason = e.strerror or e if isinstance(e, OSError) else _short(e)
             raise UserError(f"{out}: writing failed ({reason}); nothing was written") from None
     return out
+
+
+def _check_device(device: str) -> None:
+    """Refuse, in one line, a --device torch cannot use here (or that names no CPU or CUDA device)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: choose cpu or cuda (cuda:N for the N-th GPU)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s) here (cuda:0 ...)")
 
 
 def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: QuantOptions, state: dict,
@@ -250,12 +264,16 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     # [gate, up] share the post-attention norm's output
     H, _ = collect(hidden, layer.post_attention_layernorm)
     solve(GROUPS[2], H)
-    # down's inputs (intermediate-sized, the largest activations) are recomputed rather than kept: memory over speed
-    H, _ = collect(mlp.down_proj.in_features, lambda x: mlp.hidden(layer.post_attention_layernorm(x)))
+    # down's inputs (intermediate-sized, the largest activations) are kept for the residual update when they fit in
+    # KEEP_BYTES (saving a second pass through gate and up), recomputed otherwise
+    keep = n * h.shape[1] * mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
+    H, acts = collect(mlp.down_proj.in_features, lambda x: mlp.hidden(layer.post_attention_layernorm(x)), keep=keep)
     solve(GROUPS[3], H)
     with torch.no_grad():
-        for c in chunks:
-            h[c] = h[c] + mlp(layer.post_attention_layernorm(h[c].to(dt))) * layer.residual_scale
+        for i, c in enumerate(chunks):
+            a = acts[i] if keep else mlp.hidden(layer.post_attention_layernorm(h[c].to(dt)))
+            h[c] = h[c] + mlp.down_proj(a) * layer.residual_scale
+    del acts
     # the layer's relative output error on the probe samples: |out_q - out| / |out - in| (of what the layer adds)
     branch = (reference - probe_in).norm()
     rel = float((h[probe] - reference).norm() / branch) if branch > 0 else 0.0

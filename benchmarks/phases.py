@@ -1,0 +1,92 @@
+"""Where `minicpm-edge quantize` spends its time: per-phase seconds, measured from outside the product code.
+
+  python benchmarks/phases.py OUT.json quantize MODEL --out DIR ...   (then any `minicpm-edge quantize` arguments)
+
+Wraps the functions each phase runs in with timers, runs the CLI in this process and writes {phase: seconds} to
+OUT.json. Each phase counts its own time only (time in a wrapped function it calls goes to that function's phase):
+  forwards   quantize_layer less everything below: the calibration forwards of each true-sequential group and the
+             residual updates (plus a little glue: slicing, dtype casts)
+  probe      the unquantised reference forward on a few samples, for the report's layer error
+  hessians   GPTQ.add_batch (X^T X, the finiteness check, the running average)
+  cholesky   the damped Cholesky factorisation and the inverse's upper factor
+  grid       the grid search (group_params, find_params)
+  solver     GPTQ.quantize less cholesky and grid: the column loop and its block updates
+  error      GPTQ.output_error, the report's per-module error
+  packing    QuantizedLinear.from_result and to_gptq
+  io         loading the layer, saving layer files and hidden states, assembling the checkpoint
+  setup      the rest of quantize_checkpoint (checks, tokenising the calibration text, the embedding lookup)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import torch
+
+from minicpm_edge.model import forward
+from minicpm_edge.quant import driver, format, gptq
+
+TOTALS: dict[str, float] = {}
+_stack: list[float] = []  # per open timed call: seconds spent in timed calls nested in it
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(phase: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _sync()
+        _stack.append(0.0)
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _sync()
+            dt = time.perf_counter() - t
+            TOTALS[phase] = TOTALS.get(phase, 0.0) + dt - _stack.pop()
+            if _stack:
+                _stack[-1] += dt
+    return wrapper
+
+
+def install() -> dict[str, float]:
+    """Put the timers in place (in this process, for good); returns the dict they fill."""
+    G = gptq.GPTQ
+    G.add_batch = timed("hessians", G.add_batch)
+    G.quantize = timed("solver", G.quantize)
+    G.output_error = timed("error", G.output_error)
+    gptq._inverse_cholesky = timed("cholesky", gptq._inverse_cholesky)
+    gptq.find_params = timed("grid", gptq.find_params)
+    gptq.group_params = timed("grid", gptq.group_params)
+    Q = format.QuantizedLinear
+    Q.from_result = classmethod(timed("packing", Q.from_result.__func__))
+    Q.to_gptq = timed("packing", Q.to_gptq)
+    forward.DecoderLayer.forward = timed("probe", forward.DecoderLayer.forward)  # quantize_layer calls it for the probe only
+    driver.quantize_layer = timed("forwards", driver.quantize_layer)
+    for name in ("load_layer", "_atomic_save", "_assemble", "load_file"):
+        setattr(driver, name, timed("io", getattr(driver, name)))
+    driver.quantize_checkpoint = timed("setup", driver.quantize_checkpoint)
+    return TOTALS
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    install()
+    from minicpm_edge import cli  # after install: the CLI takes quantize_checkpoint from driver when it runs
+
+    sys.argv = ["minicpm-edge", *argv]
+    try:
+        cli.run()
+    finally:
+        with open(out, "w") as f:
+            json.dump(TOTALS, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,8 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int  # MLA: the query/key head size, qk_nope_head_dim + qk_rope_head_dim    max_position_embeddings: int = 4096
+    head_dim: int  # MLA: the query/key head size, qk_nope_head_dim + qk_rope_head_dim
+    max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     hidden_act: str = "silu"

@@ -19,7 +19,6 @@ import torch
 
 from ..errors import UserError
 from ..model import Checkpoint, rope
-from ..model.checkpoint import LINEARS
 from ..model.hub import model_name
 from ..model.tokenizer import CHAT_TEMPLATE
 
@@ -29,7 +28,8 @@ NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.
          "mlp.down_proj": "ffn_down"}
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 # MiniCPM3 (llama.cpp arch minicpm3, as its converter names them): kv_b_proj is one tensor (attn_kv_b), not split;
-# llama.cpp's minicpm3 rope is NEOX (rotate-half, HF's order), so no row is permuted.
+# llama.cpp's minicpm3 rope is NEOX (rotate-half, HF's order), so no row is permuted. Its latent norms use
+# rms_norm_eps where transformers' use 1e-6: a difference of that eps in the latents' mean square, nothing else.
 MLA_NAMES = {"self_attn.q_a_proj": "attn_q_a", "self_attn.q_b_proj": "attn_q_b",
              "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_b_proj": "attn_kv_b",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

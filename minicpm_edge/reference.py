@@ -294,7 +294,7 @@ def save_model(model: MiniCPM, config: dict, out: Path, tokenizer_from: Path) ->
         shutil.copy(tokenizer_from / name, out / name)
 
 
-def make_mla_model(out: Path, steps: int = 20, batch: int = 4, seqlen: int = 128, lr: float = 1e-3, seed: int = 0,
+def make_mla_model(out: Path, steps: int = 20, batch: int = 4, seqlen: int = 128, lr: float = 3e-4, seed: int = 0,
                    nope: int = 32, src: Path = DEFAULT_DIR) -> dict:
     """The bundled model converted to MiniCPM3's latent attention (to_mla), then fine-tuned for `steps` on its own
     training text (the calibration part: no docstring scan, so it stays about a minute on 2 cores), written to `out`.

@@ -74,6 +74,8 @@ $(GQ_VENV)/.installed:
 interop: install $(GQ_VENV)/.installed
 	$(PY) tests/interop/gptqmodel_interop.py export $(OUT)/interop-gptq
 	GPTQMODEL_CPU_WORKERS=2 $(GQ_VENV)/bin/python tests/interop/gptqmodel_interop.py check $(OUT)/interop-gptq
+	$(PY) tests/interop/gptqmodel_interop.py export-mla $(OUT)/interop-gptq-mla
+	GPTQMODEL_CPU_WORKERS=2 $(GQ_VENV)/bin/python tests/interop/gptqmodel_interop.py check $(OUT)/interop-gptq-mla
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from . import __version__
 from .errors import UserError
+from .model.config import MLA_KEYS
 from .model.synthetic import BUNDLED_TOKENIZER
 from .ui import console, err, out_for, table, write_json, writing
 
@@ -362,7 +363,7 @@ def inspect(
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "hidden_act", "hidden_act_param", "rope_theta", "rms_norm_eps",
               "max_position_embeddings", "scale_emb", "scale_depth", "dim_model_base", "use_mup", "rope_scaling",
-              "sparse_config"):
+              "sparse_config") + (MLA_KEYS if c["kv_lora_rank"] else ()):
         cfg.add_row(k, str(c[k]))
     console.print(cfg)
     t = table("tensor", "shape", "count", title="tensors")

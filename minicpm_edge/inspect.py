@@ -46,7 +46,7 @@ def _quant(ckpt: Checkpoint) -> dict | None:
     if not ckpt.quant:
         return None
     spec = ckpt.quant["spec"]
-    first = ckpt.quantized("model.layers.0.self_attn.q_proj")
+    first = ckpt.quantized(f"model.layers.0.{next(iter(ckpt.config.linear_shapes()))}")
     return {"method": "GPTQ", "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
             "format": "gptq_v2" if ckpt.quant["v2"] else "gptq (v1)", "desc_act": ckpt.quant["desc_act"],
             "contiguous_groups": first.contiguous}

@@ -130,6 +130,36 @@ def unigram_ppl(train_ids: list[int], eval_ids: list[int], vocab: int) -> float:
     return float(math.exp(-logp[np.asarray(eval_ids[1:])].mean()))
 
 
+def train(model: MiniCPM, train_ids: list[int], steps: int, batch: int, seqlen: int, lr: float, seed: int,
+          t0: float, weight_decay: float = 0.1, log_every: int = 50) -> list[float]:
+    """AdamW with warm-up and cosine decay on random windows of `train_ids`; returns each step's loss."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
+                                              (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    data = torch.tensor(train_ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - seqlen - 1, (batch,), generator=gen)
+        ids = torch.stack([data[s:s + seqlen + 1] for s in starts.tolist()])
+        loss = nll(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:5d} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    return losses
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
@@ -157,29 +187,7 @@ def main(argv=None) -> None:
     cfg = parse_config(CONFIG, has_lm_head=False)
     model = MiniCPM(cfg)
     init_weights(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
-                                              (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    data = torch.tensor(train_ids, dtype=torch.long)
-    gen = torch.Generator().manual_seed(args.seed)
-    losses = []
-    model.train()
-    for step in range(args.steps):
-        starts = torch.randint(0, len(data) - args.seqlen - 1, (args.batch,), generator=gen)
-        batch = torch.stack([data[s:s + args.seqlen + 1] for s in starts.tolist()])
-        loss = nll(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
+    losses = train(model, train_ids, args.steps, args.batch, args.seqlen, args.lr, args.seed, t0)
     train_s = time.time() - t0
 
     state = {f"model.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
@@ -201,6 +209,113 @@ def main(argv=None) -> None:
     plot_loss(losses, out / "loss.png")
     write_card(out, report)
     print(f"held-out PPL {ppl:.2f} (unigram {uni:.2f}) on {n} tokens; {n_params} params; {train_s:.0f}s")
+
+
+# -- a small trained MiniCPM3 (multi-head latent attention): the bundled model converted, then fine-tuned ----------
+
+def mla_config(cfg: dict, nope: int = 32) -> dict:
+    """The MiniCPM3 config that holds `cfg`'s GQA attention exactly (to_mla), with llama.cpp's fixed muP constants.
+
+    Full-rank latents (q_lora_rank = kv_lora_rank = hidden_size), every KV head's rotary key in the one shared rope
+    key (qk_rope_head_dim = kv_heads x head_dim), its frequencies set through LongRoPE factors (short = long), a
+    `nope`-wide non-rotary part, v_head_dim = head_dim; dim_model_base 256 (llama.cpp's minicpm3 graph fixes it:
+    the logit scale difference is folded into the final norm)."""
+    m, d = cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    big, half = m * d, d // 2
+    theta = cfg.get("rope_theta", 10000.0)
+    # rope index i = g * d/2 + j must turn at the original head's frequency j: theta^(-2j/d) = base_i / factor_i
+    factors = [theta ** (-2 * i / big) / theta ** (-2 * (i % half) / d) for i in range(big // 2)]
+    out = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "architectures", "model_type")}
+    return {"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3", **out,
+            "num_key_value_heads": cfg["num_attention_heads"], "q_lora_rank": cfg["hidden_size"],
+            "kv_lora_rank": cfg["hidden_size"], "qk_nope_head_dim": nope, "qk_rope_head_dim": big, "v_head_dim": d,
+            "dim_model_base": 256, "rope_scaling": {"rope_type": "longrope", "short_factor": factors,
+                                                    "long_factor": factors, "original_max_position_embeddings":
+                                                    cfg["max_position_embeddings"]}}
+
+
+@torch.no_grad()
+def to_mla(src: MiniCPM, raw: dict, nope: int = 32, seed: int = 0) -> MiniCPM:
+    """A MiniCPM3 with the same function as the GQA model `src` (up to the latent norms' eps).
+
+    The input norm's weight moves into the projections (the norm itself becomes 1, so the layer input has unit RMS);
+    q_a_proj and the latent half of kv_a_proj are the identity, their norms 1 (an RMS-1 input passes unchanged);
+    q_b / kv_b / the rope rows of kv_a hold q, v and k, each head's rotary dims placed in its KV head's slot of the
+    shared rope key; q is scaled by sqrt(qk_head_dim / head_dim) for MLA's softmax scale. The non-rotary query rows
+    are 0 and the key rows small and random, so q_nope . k_nope = 0 and fine-tuning has a gradient there."""
+    c = src.cfg
+    new = MiniCPM(parse_config(mla_config(raw, nope), has_lm_head=src.lm_head is not None))
+    n, m, d, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    half, big = d // 2, m * d
+    gen = torch.Generator().manual_seed(seed)
+    new.embed_tokens.weight.copy_(src.embed_tokens.weight)
+    new.norm.weight.copy_(src.norm.weight * new.cfg.logit_scale / c.logit_scale)
+    if src.lm_head is not None:
+        new.lm_head.weight.copy_(src.lm_head.weight)
+
+    def slot(g):  # rows of the shared rope key that hold KV head g's rotary dims (rotate-half pairs kept)
+        return torch.cat([g * half + torch.arange(half), big // 2 + g * half + torch.arange(half)])
+
+    for a, b in zip(src.layers, new.layers):
+        b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith(("self_attn.", "input_"))},
+                          strict=False)
+        w_in = a.input_layernorm.weight
+        sa, sb = a.self_attn, b.self_attn
+        q, k, v = (x.weight * w_in for x in (sa.q_proj, sa.k_proj, sa.v_proj))
+        eye = torch.eye(h)
+        sb.q_a_proj.weight.copy_(eye)
+        qb = torch.zeros(n, nope + big, h)
+        kv_a = torch.zeros(h + big, h)
+        kv_a[:h] = eye
+        kvb = torch.zeros(n, nope + d, h)
+        kvb[:, :nope] = torch.randn(n, nope, h, generator=gen) * h ** -0.5
+        for hd in range(n):
+            g = hd // (n // m)
+            qb[hd, nope + slot(g)] = q[hd * d:(hd + 1) * d] * math.sqrt((nope + big) / d)
+            kvb[hd, nope:] = v[g * d:(g + 1) * d]
+        for g in range(m):
+            kv_a[h + slot(g)] = k[g * d:(g + 1) * d]
+        sb.q_b_proj.weight.copy_(qb.reshape(-1, h))
+        sb.kv_a_proj_with_mqa.weight.copy_(kv_a)
+        sb.kv_b_proj.weight.copy_(kvb.reshape(-1, h))
+        sb.o_proj.weight.copy_(sa.o_proj.weight)
+    return new.eval()
+
+
+def save_model(model: MiniCPM, config: dict, out: Path, tokenizer_from: Path) -> None:
+    """bf16 safetensors + config.json + the tokenizer files of `tokenizer_from`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"model.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, out / name)
+
+
+def make_mla_model(out: Path, steps: int = 12, batch: int = 4, seqlen: int = 128, lr: float = 3e-4, seed: int = 0,
+                   nope: int = 32, src: Path = DEFAULT_DIR) -> dict:
+    """The bundled model converted to MiniCPM3's latent attention (to_mla), then fine-tuned for `steps` on its own
+    training text (the calibration part: no docstring scan, so it stays about a minute on 2 cores), written to `out`.
+    Returns a summary (held-out PPL of the source, the conversion and the fine-tuned model; seconds)."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    ckpt = Checkpoint(src)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    base = load_model(ckpt)
+    model = to_mla(base, ckpt.config.raw, nope, seed)
+    docs = [d for f in TRAIN_FILES for d in calib.read_file(calib.CALIB_DIR / f)]
+    heldout = calib.token_stream(tok, [d for f in HELDOUT_FILES for d in calib.read_file(calib.HELDOUT_DIR / f)])
+    heldout = heldout[:2560]
+    ppl_converted, _ = window_ppl(model, heldout, seqlen)  # = the GQA model's (test_mla checks the logits)
+    losses = train(model, calib.token_stream(tok, docs), steps, batch, seqlen, lr, seed, t0, weight_decay=0.0,
+                   log_every=max(1, steps // 4))
+    config = mla_config(ckpt.config.raw, nope)
+    save_model(model, config, Path(out), src)
+    ppl, n = window_ppl(load_model(Checkpoint(out)), heldout, seqlen)
+    return {"steps": steps, "batch": batch, "seqlen": seqlen, "heldout_tokens": n, "ppl_converted": round(ppl_converted, 3), "ppl_finetuned": round(ppl, 3),
+            "final_loss": round(float(np.mean(losses[-10:])), 4), "seconds": round(time.time() - t0, 1)}
 
 
 def plot_loss(losses: list[float], path: Path) -> None:
@@ -246,4 +361,9 @@ so that quantisation drift is measured on a trained model, not random weights. N
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["mla"]:  # python -m minicpm_edge.reference mla OUT [STEPS]
+        print(json.dumps(make_mla_model(Path(sys.argv[2]), *map(int, sys.argv[3:4]))))
+    else:
+        main()

@@ -20,6 +20,19 @@ def random_state(cfg: dict, seed: int = 0, lm_head: bool = False) -> dict[str, t
     q, kv = cfg["num_attention_heads"] * d, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
     sd = {"model.embed_tokens.weight": torch.randn(v, h, generator=g) * 0.1,
           "model.norm.weight": 1 + 0.3 * torch.randn(h, generator=g)}
+    if cfg.get("kv_lora_rank"):  # MiniCPM3 (MLA): the shapes ModelConfig gives
+        from minicpm_edge.model import parse_config
+
+        c = parse_config(cfg)
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            for name, shape in c.linear_shapes().items():
+                sd[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
+            for name, width in c.norm_shapes().items():
+                sd[p + name + ".weight"] = 1 + 0.3 * torch.randn(width, generator=g)
+        if lm_head:
+            sd["lm_head.weight"] = torch.randn(v, h, generator=g) * 0.1
+        return sd
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),

@@ -76,7 +76,7 @@ def test_inspect_bundled_model(bundled):
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no config.json"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / "config.json").write_text('{"architectures": ["MiniCPM3ForCausalLM"]}'), "unsupported architecture"),
+    (lambda d: (d / "config.json").write_text('{"architectures": ["MiniCPMMoEForCausalLM"]}'), "unsupported architecture"),
 ])
 def test_inspect_bad_input_is_one_line(tmp_path, setup, message):
     d = tmp_path / "bad"

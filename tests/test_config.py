@@ -39,8 +39,8 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": 
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3"}, "unsupported architecture"),
-    ({"q_lora_rank": 768, "kv_lora_rank": 256}, "MiniCPM3"),
+    ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3"}, "MiniCPM3ForCausalLM needs q_lora_rank"),
+    ({"q_lora_rank": 768, "kv_lora_rank": 256}, "belong to MiniCPM3ForCausalLM"),
     ({"num_experts": 8}, "mixture-of-experts"),
     ({"architectures": ["MiniCPMV"], "model_type": "minicpmv"}, "unsupported architecture"),
     ({"query_num": 64}, "MiniCPM-V"),
@@ -53,8 +53,7 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": 
     ({"rope_scaling": {"type": "dynamic"}}, "needs factor"),
     ({"rope_scaling": {"type": "dynamic", "factor": 0.5}}, "needs factor, a number >= 1"),
     ({"rope_scaling": "longrope"}, "must be an object"),
-    ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm"}, "MiniCPM3 (multi-head latent attention) is "
-                                                                          "not yet supported"),
+    ({"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm"}, "contradict"),
     ({"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm3"}, "contradict"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "minicpm"}, "contradict"),
     ({"architectures": ["MiniCPMMoEForCausalLM"]}, "MiniCPM-MoE-8x2B"),

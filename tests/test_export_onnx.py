@@ -195,7 +195,7 @@ def test_kv_cache_decoding_equals_full_recompute(exported, name):
         logits, past = runner._run(IDS[a:b], past)
         chunks.append(logits)
     assert np.abs(np.concatenate(chunks) - full).max() <= TOL
-    assert past[0].shape == (1, runner.kv_shape[1], len(IDS), runner.kv_shape[3])
+    assert past[0].shape == (1, runner.kv_shapes[0][1], len(IDS), runner.kv_shapes[0][3])
 
 
 def test_left_padded_batch(exported):
@@ -205,7 +205,7 @@ def test_left_padded_batch(exported):
     ids = np.array([[0] * pad + short, IDS], np.int64)
     mask = np.array([[0] * pad + [1] * 12, [1] * 20], np.int64)
     pos = np.array([[0] * pad + list(range(12)), list(range(20))], np.int64)
-    empty = np.zeros((2, *runner.kv_shape[1:]), np.float32)
+    empty = np.zeros((2, *runner.kv_shapes[0][1:]), np.float32)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **{p: empty for p in runner.past}}
     logits = runner.session.run(["logits"], feeds)[0]
     assert np.abs(logits[0, pad:] - runner.logits(short)).max() <= TOL

@@ -312,9 +312,9 @@ def _(t):
     return ["quantize", t.request.getfixturevalue("variant"), *FAST, "--device", "mps", "--out", t.out()], t.out()
 
 
-@case("unsupported-architecture", "unsupported architecture MiniCPM3ForCausalLM")
+@case("unsupported-architecture", "unsupported architecture MiniCPMSALAForCausalLM")
 def _(t):
-    d = edit_config(t.copy("variant"), architectures=["MiniCPM3ForCausalLM"], model_type="minicpm3")
+    d = edit_config(t.copy("variant"), architectures=["MiniCPMSALAForCausalLM"], model_type="minicpm_sala")
     return ["quantize", d, *FAST, "--out", t.out()], t.out()
 
 

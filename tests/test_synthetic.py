@@ -59,6 +59,7 @@ def test_synthetic_cli_and_inspect(tmp_path):
 FAMILY = {  # kind: (vocab for the full-path test (None = real), what export --target android says)
     "minicpm4-0.5b": (None, "rope_scaling longrope is ignored by mlc-llm"),
     "minicpm5-1b": (8192, "head_dim 128 x 16 heads differs from hidden_size 1536"),
+    "minicpm3-4b": (4096, "mlc-llm has no MiniCPM3 model"),
 }
 
 

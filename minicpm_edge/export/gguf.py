@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp (arch `minicpm`), written with the `gguf` package, one tensor at a time.
+"""GGUF for llama.cpp (arch `minicpm`; MiniCPM3 as arch `minicpm3`), written with the `gguf` package, one tensor at a time.
 
 GPTQ codes go into Q4_0 (symmetric) or Q4_1 (asymmetric) blocks unchanged (FORMATS.md section 2):
 Q4_0 value = (q - 8) * d with d = s; Q4_1 value = d * q + m with d = s, m = -s * z. A block holds 32 weights along K;
@@ -19,7 +19,6 @@ import torch
 
 from ..errors import UserError
 from ..model import Checkpoint, rope
-from ..model.checkpoint import LINEARS
 from ..model.hub import model_name
 from ..model.tokenizer import CHAT_TEMPLATE
 
@@ -28,6 +27,16 @@ NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down"}
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# MiniCPM3 (llama.cpp arch minicpm3, as its converter names them): kv_b_proj is one tensor (attn_kv_b), not split;
+# llama.cpp's minicpm3 rope is NEOX (rotate-half, HF's order), so no row is permuted. Its latent norms use
+# rms_norm_eps where transformers' use 1e-6: a difference of that eps in the latents' mean square, nothing else.
+MLA_NAMES = {"self_attn.q_a_proj": "attn_q_a", "self_attn.q_b_proj": "attn_q_b",
+             "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_b_proj": "attn_kv_b",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+MLA_NORMS = {**NORMS, "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.kv_a_layernorm": "attn_kv_a_norm"}
+# llama.cpp's minicpm3 graph (src/models/minicpm3.cpp) hard-codes these instead of reading the GGUF
+MINICPM3_FIXED = {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 256}
 FILE_TYPES = {QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
               QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.F32: gguf.LlamaFileType.ALL_F32,
               QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -171,18 +180,19 @@ class Plan:
         c = ckpt.config
         self.add("token_embd.weight", ckpt.shape("model.embed_tokens.weight"), embedding_type,
                  lambda: ckpt.embedding(None))  # original dtype: converted once, below
+        norms, names = (MLA_NORMS, MLA_NAMES) if c.mla else (NORMS, NAMES)
         for i in range(c.num_hidden_layers):
-            for src, dst in NORMS.items():
+            for src, dst in norms.items():
                 name = f"model.layers.{i}.{src}.weight"
-                self.add(f"blk.{i}.{dst}.weight", (c.hidden_size,), QT.F32, lambda name=name: ckpt.tensor(name))
-            for m in LINEARS:
+                self.add(f"blk.{i}.{dst}.weight", (c.norm_shapes()[src],), QT.F32, lambda name=name: ckpt.tensor(name))
+            for m in names:
                 prefix = f"model.layers.{i}.{m}"
                 heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}.get(m)
-                self.add(f"blk.{i}.{NAMES[m]}.weight", ckpt.linear_shape(prefix), linear_type,
+                self.add(f"blk.{i}.{names[m]}.weight", ckpt.linear_shape(prefix), linear_type,
                          lambda prefix=prefix, heads=heads: linear(ckpt, prefix, heads, linear_type))
         self.add("output_norm.weight", (c.hidden_size,), QT.F32, lambda: ckpt.final_norm())
         for slot, factors in rope_factors(c).items():
-            self.add(f"rope_factors_{slot}.weight", (c.head_dim // 2,), QT.F32, lambda f=factors: f)
+            self.add(f"rope_factors_{slot}.weight", (c.rope_dim // 2,), QT.F32, lambda f=factors: f)
         if not c.tie_word_embeddings:
             self.add("output.weight", ckpt.shape("lm_head.weight"), embedding_type, lambda: ckpt.lm_head(None))
 
@@ -233,6 +243,8 @@ def check_exportable(ckpt: Checkpoint) -> object:
     if c.hidden_act != "silu":
         raise UserError(f"{ckpt.dir}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by llama.cpp's minicpm "
                         "graph, which hard-codes SiLU; export --target onnx runs this model")
+    if c.mla:
+        check_minicpm3_constants(ckpt)
     q = ckpt.quant
     if q is None:
         return None
@@ -240,15 +252,30 @@ def check_exportable(ckpt: Checkpoint) -> object:
     how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32`"
     if spec.bits != 4:
         raise UserError(f"{ckpt.dir}: GPTQ {spec.bits}-bit has no exact GGUF form (Q4_0/Q4_1 hold 4-bit codes); {how}")
-    for name, k in (("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)):
+    widths = {f"{m} input": k for m, (_, k) in c.linear_shapes().items()} if c.mla else {
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size}
+    for name, k in widths.items():
         if spec.group_len(k) % 32:
             raise UserError(f"{ckpt.dir}: {name} {k} with group size {spec.group_size} is no whole number of "
                             f"llama.cpp's blocks of 32 per group; {how}")
-    for m in LINEARS:
+    for m in c.linear_shapes():
         if not ckpt.quantized(f"model.layers.0.{m}").contiguous:
             raise UserError(f"{ckpt.dir}: act-order groups are not contiguous along the input, which GGUF blocks "
                             f"cannot express; {how}")
     return QT.Q4_0 if spec.sym else QT.Q4_1
+
+
+def check_minicpm3_constants(ckpt: Checkpoint) -> None:
+    """llama.cpp's minicpm3 graph ignores the GGUF's muP keys and uses scale_emb 12, scale_depth 1.4 and
+    dim_model_base 256: a checkpoint with other values would run wrongly there, so it is refused."""
+    c = ckpt.config
+    got = {"scale_emb": c.embedding_scale, "scale_depth": c.residual_scale * c.num_hidden_layers ** 0.5,
+           "dim_model_base": c.hidden_size / c.logit_scale}
+    bad = [k for k, v in MINICPM3_FIXED.items() if abs(got[k] - v) > 1e-6 * v]
+    if bad:
+        what = ", ".join(f"{k} {got[k]:g} (llama.cpp: {MINICPM3_FIXED[k]:g})" for k in bad)
+        raise UserError(f"{ckpt.dir}: {what}; llama.cpp's minicpm3 graph hard-codes scale_emb 12, scale_depth 1.4 and "
+                        "dim_model_base 256 and would run this model wrongly; export --target onnx runs it")
 
 
 def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str = "f16", name: str | None = None) -> dict:
@@ -269,7 +296,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
                         "llama.cpp needs one token per embedding row")
     plan = Plan(ckpt, linear_type, EMBEDDINGS[embedding])
 
-    w = gguf.GGUFWriter(path, "minicpm")
+    w = gguf.GGUFWriter(path, "minicpm3" if c.mla else "minicpm")
     w.add_name(name or model_name(ckpt.dir))
     w.add_file_type(FILE_TYPES[linear_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -279,8 +306,13 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.head_dim)
-    if c.head_dim * c.num_attention_heads != c.hidden_size:
+    w.add_rope_dimension_count(c.rope_dim)
+    if c.mla:  # as llama.cpp's converter writes them, and value_length too (the default hidden/heads may differ)
+        w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(c.kv_lora_rank)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.v_head_dim)
+    elif c.head_dim * c.num_attention_heads != c.hidden_size:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
     w.add_rope_freq_base(c.rope_theta)
@@ -290,10 +322,11 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
         w.add_rope_scaling_orig_ctx_len(r.original_max_position_embeddings or c.max_position_embeddings)
         w.add_rope_scaling_attn_factors(rope.attention_factor(c))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    # all three, always: llama.cpp's defaults for missing scales are not MiniCPM's values
-    w.add_embedding_scale(c.embedding_scale)
-    w.add_residual_scale(c.residual_scale)
-    w.add_logit_scale(c.logit_scale)
+    if not c.mla:  # minicpm3 reads none of them (its graph's constants, checked above)
+        # all three, always: llama.cpp's defaults for missing scales are not MiniCPM's values
+        w.add_embedding_scale(c.embedding_scale)
+        w.add_residual_scale(c.residual_scale)
+        w.add_logit_scale(c.logit_scale)
     add_vocab(w, tok)
     for gname, shape, nbytes, qtype, _ in plan.items:
         raw_shape = (shape[0], nbytes // shape[0]) if qtype not in (QT.F16, QT.F32) and len(shape) == 2 else shape

@@ -150,6 +150,10 @@ class TensorCache:
 def check_exportable(ckpt: Checkpoint) -> None:
     """Raise a UserError saying why mlc's minicpm model cannot run this checkpoint with its GPTQ codes unchanged."""
     c, where = ckpt.config, ckpt.dir
+    if c.mla:
+        raise UserError(f"{where}: mlc-llm has no MiniCPM3 model (multi-head latent attention: q_a/q_b, kv_a/kv_b "
+                        "projections its minicpm model lacks; mlc-llm issue 3051); export --target ios (GGUF, "
+                        "llama.cpp's minicpm3) or onnx instead")
     if c.hidden_act != "silu":
         raise UserError(f"{where}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by mlc-llm's minicpm "
                         "model, which hard-codes SiLU; export --target onnx runs this model")

@@ -6,7 +6,8 @@ bits), scales float [N, k_blocks], zero_points packed like B [N, ceil(k_blocks*b
 grid (group -1) becomes 128-wide blocks that repeat the row's scale and zero. The CPU kernel takes 2, 4 and 8 bits.
 
 The graph is model/forward.py in ONNX ops (opset 17, float32 activations): Gather x scale_emb, RMSNorm, rotary
-(rotate-half, angles from position_ids), causal attention with GQA and past/present key-values, SiLU/ReLU/FATReLU MLP,
+(rotate-half, angles from position_ids), causal attention with GQA (or MiniCPM3's latent attention, its cache the
+normed latent and the rotated shared key; no genai_config.json then) and past/present key-values, SiLU/ReLU/FATReLU MLP,
 residual x residual_scale, final norm / logit_scale, head as Gemm(transB) on the embedding (stored once) or lm_head.
 Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
 read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
@@ -27,6 +28,7 @@ from ..errors import UserError
 from ..model import Checkpoint
 from ..model import rope as rotary
 from ..model.config import ModelConfig
+from ..model.forward import LatentAttention
 from ..model.tokenizer import CHAT_TEMPLATE, Tokenizer, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
 from ..quant.format import QuantizedLinear
@@ -69,12 +71,17 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
                 if (ckpt.dir / name).is_file():
                     shutil.copy(ckpt.dir / name, tmp / name)
             _genai_tokenizer(tmp, ckpt.tokenizer_path)
-            (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg), indent=1) + "\n")
+            if not cfg.mla:  # genai's decoder has one head_size and kv-head count for keys and values: no MLA cache
+                (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg), indent=1) + "\n")
             info = {"format": "onnx", "source": str(Path(checkpoint).resolve()), "variant": cfg.variant,
                     "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                                      "block_size": spec.group_size if spec.group_size != -1 else PER_CHANNEL_BLOCK,
                                      "zero_points": zero_points, "accuracy_level": accuracy_level},
                     "opset": OPSET, "activations": "float32", "weights": DATA, "model": cfg.notes()}
+            if cfg.mla:
+                info["cache"] = ("MLA: past_key_values.N.key = normed latent [B, 1, S, kv_lora_rank], .value = rotated "
+                                 "k_rope [B, 1, S, qk_rope_head_dim]; onnxruntime-genai (one head_size for keys and "
+                                 "values) cannot drive it, onnxruntime can")
             (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
     return Path(out)
 
@@ -189,16 +196,19 @@ class _Graph:
 
     def graph(self, cfg: ModelConfig):
         kv, d, v = cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
-        past = ["batch_size", kv, "past_sequence_length", d]
-        present = ["batch_size", kv, "total_sequence_length", d]
+        # MLA (MiniCPM3) caches what its attention keeps: key = the normed latent, value = the rotated shared k_rope
+        widths = {"key": cfg.kv_lora_rank, "value": cfg.qk_rope_head_dim} if cfg.mla else {"key": d, "value": d}
+        kv = 1 if cfg.mla else kv
         ins = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch_size", length]) for name, length in
                (("input_ids", "sequence_length"), ("attention_mask", "total_sequence_length"),
                 ("position_ids", "sequence_length"))]
         outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", v])]
         for i in range(cfg.num_hidden_layers):
-            for kind in ("key", "value"):
-                ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, past))
-                outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+            for kind, w in widths.items():
+                ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                         ["batch_size", kv, "past_sequence_length", w]))
+                outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                          ["batch_size", kv, "total_sequence_length", w]))
         return helper.make_graph(self.nodes, "minicpm", ins, outs, self.inits)
 
 
@@ -217,20 +227,21 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
         return g.op("MatMulNBits", *ins, name=prefix, domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
                     block_size=t["block_size"], accuracy_level=accuracy_level)
 
-    def norm(x, name):
+    def norm(x, name, eps=cfg.rms_norm_eps):
         w = g.weight(name, ckpt.tensor(name).numpy())
         ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
-        rms = g.op("Sqrt", g.op("Add", ms, g.const(cfg.rms_norm_eps, np.float32)))
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(eps, np.float32)))
         return g.op("Mul", g.op("Div", x, rms), w)  # the pattern onnxruntime fuses into SimplifiedLayerNormalization
 
     def scaled(x, factor, op="Mul"):
         return x if factor == 1 else g.op(op, x, g.const(factor, np.float32))
 
-    def heads_first(x, n):  # [B, T, n*d] -> [B, n, T, d]
-        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, d])), perm=[0, 2, 1, 3])
+    def heads_first(x, n, size=d):  # [B, T, n*size] -> [B, n, T, size]
+        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, size])), perm=[0, 2, 1, 3])
 
-    def rope(x):  # HF rotate-half: x*cos + cat(-x2, x1)*sin
-        x1, x2 = g.op("Split", x, g.const([d // 2, d // 2]), axis=-1, outputs=2)
+    def rope(x):  # HF rotate-half: x*cos + cat(-x2, x1)*sin, over the rotated part (rope_dim) of a head
+        r = cfg.rope_dim
+        x1, x2 = g.op("Split", x, g.const([r // 2, r // 2]), axis=-1, outputs=2)
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
@@ -256,9 +267,47 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
     padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
     mask = g.op("Where", g.op("And", causal, padding), g.const(0.0, np.float32), g.const(NEG, np.float32))
 
+    def latent_attention(x, p, i):
+        """MiniCPM3's MLA (forward.LatentAttention): scores = q_nope.k_nope + q_rope.k_rope, k_rope broadcast over
+        the heads; the cache holds the normed latent and the rotated k_rope."""
+        nope, r, vd, eps = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, LatentAttention.LATENT_EPS
+        q = linear(norm(linear(x, p + "self_attn.q_a_proj"), p + "self_attn.q_a_layernorm.weight", eps),
+                   p + "self_attn.q_b_proj")
+        q_nope, q_rope = g.op("Split", heads_first(q, heads), g.const([nope, r]), axis=-1, outputs=2)
+        latent, k_rope = g.op("Split", linear(x, p + "self_attn.kv_a_proj_with_mqa"), g.const([cfg.kv_lora_rank, r]),
+                              axis=-1, outputs=2)
+        latent = g.op("Unsqueeze", norm(latent, p + "self_attn.kv_a_layernorm.weight", eps), g.const([1]))
+        k_rope = rope(g.op("Unsqueeze", k_rope, g.const([1])))  # [B, 1, T, r]
+        latent = g.op("Concat", f"past_key_values.{i}.key", latent, axis=2, outputs=[f"present.{i}.key"])
+        k_rope = g.op("Concat", f"past_key_values.{i}.value", k_rope, axis=2, outputs=[f"present.{i}.value"])
+        kv = heads_first(linear(g.op("Squeeze", latent, g.const([1])), p + "self_attn.kv_b_proj"), heads, nope + vd)
+        k_nope, v = g.op("Split", kv, g.const([nope, vd]), axis=-1, outputs=2)
+        t = lambda y: g.op("Transpose", y, perm=[0, 1, 3, 2])  # noqa: E731
+        scores = g.op("Add", g.op("MatMul", q_nope, t(k_nope)), g.op("MatMul", rope(q_rope), t(k_rope)))
+        scores = g.op("Add", scaled(scores, 1 / math.sqrt(nope + r)), g.op("Squeeze", mask, g.const([1])))
+        att = g.op("Transpose", g.op("MatMul", g.op("Softmax", scores, axis=-1), v), perm=[0, 2, 1, 3])
+        return linear(g.op("Reshape", att, g.const([0, 0, heads * vd])), p + "self_attn.o_proj")
+
+    def mlp_block(h, p):
+        x = norm(h, p + "post_attention_layernorm.weight")
+        gate = linear(x, p + "mlp.gate_proj")
+        if cfg.hidden_act == "silu":
+            act = g.op("Mul", gate, g.op("Sigmoid", gate))
+        elif cfg.hidden_act == "relu":
+            act = g.op("Relu", gate)
+        else:  # FATReLU: x if x > threshold else 0
+            act = g.op("Where", g.op("Greater", gate, g.const(cfg.hidden_act_param, np.float32)), gate,
+                       g.const(0.0, np.float32))
+        mlp = linear(g.op("Mul", act, linear(x, p + "mlp.up_proj")), p + "mlp.down_proj")
+        return g.op("Add", h, scaled(mlp, cfg.residual_scale))
+
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         x = norm(h, p + "input_layernorm.weight")
+        if cfg.mla:
+            h = g.op("Add", h, scaled(latent_attention(x, p, i), cfg.residual_scale))
+            h = mlp_block(h, p)
+            continue
         q = rope(heads_first(linear(x, p + "self_attn.q_proj"), heads))
         k = rope(heads_first(linear(x, p + "self_attn.k_proj"), kv))
         v = heads_first(linear(x, p + "self_attn.v_proj"), kv)
@@ -272,18 +321,7 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
         att = g.op("Transpose", g.op("Reshape", att, g.const([0, heads, -1, d])), perm=[0, 2, 1, 3])
         att = linear(g.op("Reshape", att, g.const([0, 0, heads * d])), p + "self_attn.o_proj")
         h = g.op("Add", h, scaled(att, cfg.residual_scale))
-
-        x = norm(h, p + "post_attention_layernorm.weight")
-        gate = linear(x, p + "mlp.gate_proj")
-        if cfg.hidden_act == "silu":
-            act = g.op("Mul", gate, g.op("Sigmoid", gate))
-        elif cfg.hidden_act == "relu":
-            act = g.op("Relu", gate)
-        else:  # FATReLU: x if x > threshold else 0
-            act = g.op("Where", g.op("Greater", gate, g.const(cfg.hidden_act_param, np.float32)), gate,
-                       g.const(0.0, np.float32))
-        mlp = linear(g.op("Mul", act, linear(x, p + "mlp.up_proj")), p + "mlp.down_proj")
-        h = g.op("Add", h, scaled(mlp, cfg.residual_scale))
+        h = mlp_block(h, p)
 
     h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
     head = embed if cfg.tie_word_embeddings else g.weight("lm_head.weight", ckpt.lm_head().numpy())

@@ -16,6 +16,7 @@ from ..errors import UserError
 from .config import ModelConfig, parse_config, read_config_json
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# the Linears and norms of a llama-style decoder layer; ModelConfig.linear_shapes / norm_shapes give any model's
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -112,28 +113,25 @@ class Checkpoint:
                             f"model.layers.{first} ({len(present)} layers present)")
         need = ["model.embed_tokens.weight", "model.norm.weight"]
         linear = ".qweight" if self.quant else ".weight"
+        linears, norms = c.linear_shapes(), c.norm_shapes()
         for i in range(c.num_hidden_layers):
-            need += [f"model.layers.{i}.{m}.weight" for m in NORMS]
-            need += [f"model.layers.{i}.{m}{linear}" for m in LINEARS]
+            need += [f"model.layers.{i}.{m}.weight" for m in norms]
+            need += [f"model.layers.{i}.{m}{linear}" for m in linears]
             if self.quant:
-                need += [f"model.layers.{i}.{m}.{x}" for m in LINEARS for x in ("qzeros", "scales")]
+                need += [f"model.layers.{i}.{m}.{x}" for m in linears for x in ("qzeros", "scales")]
         missing = [n for n in need if n not in self._where]
         if missing:
             raise UserError(f"{self.dir}: checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         # every shape, from the file headers alone: a mismatch in any layer is refused before any work starts
-        h, q, kv, inter = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
-            c.intermediate_size
-        linears = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                   "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-                   "mlp.down_proj": (h, inter)}
+        h = c.hidden_size
         expect = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
         if not c.tie_word_embeddings:
             expect["lm_head.weight"] = (c.vocab_size, h)
         for i in range(c.num_hidden_layers):
-            expect.update({f"model.layers.{i}.{m}.weight": (h,) for m in NORMS})
+            expect.update({f"model.layers.{i}.{m}.weight": (w,) for m, w in norms.items()})
             expect.update({f"model.layers.{i}.{m}.weight": shape for m, shape in linears.items()})
         for name, shape in expect.items():
-            got = self.linear_shape(name[:-len(".weight")]) if name.endswith("_proj.weight") else self.shape(name)
+            got = self.linear_shape(name[:-len(".weight")]) if len(shape) == 2 and "layers." in name else self.shape(name)
             if tuple(got) != shape:
                 raise UserError(f"{self.dir}: {name} has shape {list(got)} but config.json implies {list(shape)}")
 

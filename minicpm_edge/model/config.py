@@ -10,31 +10,33 @@ from pathlib import Path
 from ..errors import UserError
 from .rope import RopeScaling, describe as describe_rope, exact_context, parse_rope_scaling
 
-SUPPORTED = ("MiniCPMForCausalLM (MiniCPM-2B, -1B, -S-1B, -2B-128k, MiniCPM4, MiniCPM4.1) and LlamaForCausalLM "
-             "(llama-format MiniCPM, MiniCPM5)")
-CLASSES = {"MiniCPMForCausalLM": "minicpm", "LlamaForCausalLM": "llama"}  # the class to build -> its model_type
+SUPPORTED = ("MiniCPMForCausalLM (MiniCPM-2B, -1B, -S-1B, -2B-128k, MiniCPM4, MiniCPM4.1), MiniCPM3ForCausalLM "
+             "(MiniCPM3-4B) and LlamaForCausalLM (llama-format MiniCPM, MiniCPM5)")
+# the class to build -> its model_type
+CLASSES = {"MiniCPMForCausalLM": "minicpm", "MiniCPM3ForCausalLM": "minicpm3", "LlamaForCausalLM": "llama"}
 # families refused by name, with the reason: (substring of the class or model_type, lower case, reason)
-FAMILIES = (("minicpm3", "MiniCPM3 (multi-head latent attention) is not yet supported"),
-            ("moe", "mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported"),
+FAMILIES = (("moe", "mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported"),
             ("sala", "MiniCPM-SALA (sparse + lightning attention) is not supported"),
             ("minicpmv", "vision/audio models (MiniCPM-V, MiniCPM-o) are not supported"),
             ("minicpmo", "vision/audio models (MiniCPM-V, MiniCPM-o) are not supported"))
 ACTIVATIONS = ("silu", "relu", "fatrelu")
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# MiniCPM3's multi-head latent attention (MLA): the low-rank query and key/value projections
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the forward, the quantiser and the exporters need to know about a checkpoint."""
 
-    arch: str  # "minicpm" (muP scales applied at run time) or "llama" (folded into the weights)
+    arch: str  # "minicpm" / "minicpm3" (muP scales applied at run time) or "llama" (folded into the weights)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int
+    head_dim: int  # MLA: the query/key head size, qk_nope_head_dim + qk_rope_head_dim
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -52,13 +54,51 @@ class ModelConfig:
     # InfLLM-v2 (MiniCPM4): sparse attention only past sparse_config["dense_len"] tokens; below it attention is the
     # dense attention computed here, and dense attention is what phones run. Recorded, not applied.
     sparse_config: dict | None = None
+    # MiniCPM3 (arch "minicpm3"): multi-head latent attention; all 0 for every other model
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     # The three muP factors (FORMATS.md section 0); all 1 for llama-format checkpoints and for use_mup false.
     # (MiniCPM4's mup_denominator is read only by its Eagle draft head: it has no effect on this forward.)
     @property
     def mup(self) -> bool:
-        return self.arch == "minicpm" and self.use_mup
+        return self.arch in ("minicpm", "minicpm3") and self.use_mup
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (MiniCPM3)."""
+        return self.arch == "minicpm3"
+
+    @property
+    def rope_dim(self) -> int:
+        """The part of each query/key head that is rotated: qk_rope_head_dim for MLA, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each Linear of a decoder layer, by its name within the layer, in data-flow order."""
+        h, inter, n = self.hidden_size, self.intermediate_size, self.num_attention_heads
+        if self.mla:
+            attn = {"self_attn.q_a_proj": (self.q_lora_rank, h),
+                    "self_attn.kv_a_proj_with_mqa": (self.kv_lora_rank + self.qk_rope_head_dim, h),
+                    "self_attn.q_b_proj": (n * self.head_dim, self.q_lora_rank),
+                    "self_attn.kv_b_proj": (n * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank),
+                    "self_attn.o_proj": (h, n * self.v_head_dim)}
+        else:
+            q, kv = n * self.head_dim, self.num_key_value_heads * self.head_dim
+            attn = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                    "self_attn.o_proj": (h, q)}
+        return {**attn, "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+
+    def norm_shapes(self) -> dict[str, int]:
+        """Width of each RMSNorm of a decoder layer (MLA adds the two latent norms)."""
+        out = {"input_layernorm": self.hidden_size, "post_attention_layernorm": self.hidden_size}
+        if self.mla:
+            out.update({"self_attn.q_a_layernorm": self.q_lora_rank, "self_attn.kv_a_layernorm": self.kv_lora_rank})
+        return out
 
     @property
     def embedding_scale(self) -> float:
@@ -93,7 +133,7 @@ class ModelConfig:
 
     @property
     def variant(self) -> str:
-        gqa = "GQA" if self.num_key_value_heads < self.num_attention_heads else "MHA"
+        gqa = "MLA" if self.mla else "GQA" if self.num_key_value_heads < self.num_attention_heads else "MHA"
         return f"{self.arch} {gqa} {self.hidden_act}"
 
     def to_dict(self) -> dict:
@@ -119,8 +159,9 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
     if model_type is not None and not isinstance(model_type, str):
         raise UserError(f"{source}: model_type must be a name, got {model_type!r}")
     arch = _architecture(archs, model_type, source)
-    if cfg.get("q_lora_rank") or cfg.get("kv_lora_rank"):
-        raise UserError(f"{source}: multi-head latent attention (MiniCPM3) is not yet supported; supported: {SUPPORTED}")
+    if arch != "minicpm3" and (cfg.get("q_lora_rank") or cfg.get("kv_lora_rank")):
+        raise UserError(f"{source}: q_lora_rank / kv_lora_rank (multi-head latent attention) belong to "
+                        f"MiniCPM3ForCausalLM, not {archs[0] if archs else model_type}; supported: {SUPPORTED}")
     if any(cfg.get(k) not in (None, 0, 1) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
         raise UserError(f"{source}: mixture-of-experts models (MiniCPM-MoE-8x2B) are not supported; supported: {SUPPORTED}")
     if cfg.get("vision_config") or cfg.get("query_num") or cfg.get("audio_config") or cfg.get("tts_config"):
@@ -137,6 +178,13 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
 
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     kv_heads = _get(cfg, "num_key_value_heads", heads)
+    mla = _mla(cfg, hidden, heads, source) if arch == "minicpm3" else {}
+    if mla:
+        if kv_heads != heads:
+            raise UserError(f"{source}: num_key_value_heads {kv_heads} differs from num_attention_heads {heads}; "
+                            "MiniCPM3's latent attention expands keys and values for every head")
+        cfg = {**cfg, "head_dim": mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]}
+        cfg.pop("kv_channels", None)
     # MiniCPM4 names the head size kv_channels; llama-format configs head_dim. Either may differ from hidden/heads.
     dim_key = "kv_channels" if cfg.get("kv_channels") is not None else "head_dim"
     if cfg.get(dim_key) is None and hidden % heads:
@@ -145,8 +193,10 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
     head_dim = _number(cfg, dim_key, hidden // heads, source, int, low=1)
     if heads % kv_heads:
         raise UserError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    if head_dim % 2:
-        raise UserError(f"{source}: head_dim {head_dim} must be even for rotary embeddings")
+    rope_dim = mla.get("qk_rope_head_dim", head_dim)
+    if rope_dim % 2:
+        what = "qk_rope_head_dim" if mla else "head_dim"
+        raise UserError(f"{source}: {what} {rope_dim} must be even for rotary embeddings")
 
     act = str(_get(cfg, "hidden_act", "silu")).lower()
     if act not in ACTIVATIONS:
@@ -165,7 +215,7 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         tied = True
 
     dim_model_base = cfg.get("dim_model_base")
-    if arch == "minicpm" and dim_model_base is not None and (
+    if arch != "llama" and dim_model_base is not None and (
             isinstance(dim_model_base, bool) or not isinstance(dim_model_base, (int, float))
             or not 0 < dim_model_base < 1e300 or not math.isfinite(dim_model_base)):
         raise UserError(f"{source}: dim_model_base must be positive, got {dim_model_base!r:.60}")
@@ -183,8 +233,8 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
     if sparse is not None and not isinstance(sparse, dict):
         raise UserError(f"{source}: sparse_config must be an object, got {sparse!r:.60}")
     max_pos = _number(cfg, "max_position_embeddings", 4096, source, int, low=1)
-    rope_scaling = parse_rope_scaling(cfg.get("rope_scaling"), head_dim=head_dim, max_pos=max_pos, arch=arch,
-                                      source=source)
+    rope_scaling = parse_rope_scaling(cfg.get("rope_scaling"), head_dim=rope_dim,
+                                      max_pos=max_pos, arch=arch, source=source)
     dtype = _get(cfg, "torch_dtype", "bfloat16")
     if not isinstance(dtype, str):
         raise UserError(f"{source}: torch_dtype must be a name such as bfloat16, got {dtype!r}")
@@ -212,8 +262,25 @@ def parse_config(cfg: dict, *, has_lm_head: bool | None = None, source: str = "c
         use_mup=use_mup,
         rope_scaling=rope_scaling,
         sparse_config=sparse,
+        **mla,
         raw=raw,
     )
+
+
+def _mla(cfg: dict, hidden: int, heads: int, source: str) -> dict:
+    """MiniCPM3's latent-attention sizes, checked; v_head_dim defaults to hidden_size / heads as in transformers."""
+    if cfg.get("q_lora_rank", 1) is None:
+        raise UserError(f"{source}: q_lora_rank null (a dense q_proj instead of q_a_proj / q_b_proj) is not supported; "
+                        "every published MiniCPM3 has q_lora_rank 768")
+    missing = [k for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim") if k not in cfg]
+    if missing:
+        raise UserError(f"{source}: MiniCPM3ForCausalLM needs {', '.join(missing)}")
+    out = {k: _number(cfg, k, None, source, int, low=1) for k in MLA_KEYS[:4]}
+    if cfg.get("v_head_dim") is None and hidden % heads:
+        raise UserError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                        "(and no v_head_dim is given)")
+    out["v_head_dim"] = _number(cfg, "v_head_dim", hidden // heads, source, int, low=1)
+    return out
 
 
 def _architecture(archs: list, model_type: str | None, source: str) -> str:

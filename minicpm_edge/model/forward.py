@@ -1,4 +1,4 @@
-"""A compact torch forward of MiniCPM (and llama-format MiniCPM), runnable one piece at a time.
+"""A compact torch forward of MiniCPM (llama-format MiniCPM, MiniCPM3's latent attention), runnable one piece at a time.
 
 embed -> decoder layer 0..L-1 -> final norm + head. Parameter names match the HF checkpoints, so a layer's state dict
 loads directly. The muP factors (FORMATS.md section 0) come from ModelConfig and are 1 for llama-format checkpoints.
@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32,
                 seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, head_dim] for HF's rotate-half convention, with the checkpoint's rope scaling.
+    """cos/sin of shape [T, rope_dim] (the rotated part of a head) for HF's rotate-half convention, with the checkpoint's rope scaling.
 
     `seq_len` (default: the last position + 1, the key/value length at that point) picks the frequencies where they
     depend on the length (LongRoPE's list, dynamic NTK past max_position_embeddings)."""
@@ -89,6 +89,63 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, -1), present
 
 
+class LatentAttention(nn.Module):
+    """MiniCPM3's multi-head latent attention, as transformers' MiniCPM3Attention computes it.
+
+    q = q_b(norm(q_a(x))), per head [nope | rope]; kv_a(x) = [latent | k_rope], the latent normed and expanded by kv_b
+    into per-head [k_nope | v]; rotary on the rope parts only (k_rope shared by every head). The cache holds the normed
+    latent and the rotated k_rope: (kv_lora_rank + qk_rope_head_dim) numbers per position and layer.
+    The latent norms use RMSNorm's default eps 1e-6, not rms_norm_eps (transformers' and OpenBMB's code alike)."""
+
+    LATENT_EPS = 1e-6
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, self.LATENT_EPS)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * cfg.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, self.LATENT_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n * cfg.v_head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, past=None):
+        mixed, present = self.mix(x, cos, sin, past)
+        return self.o_proj(mixed), present
+
+    def q_latent(self, x):
+        """The input that q_b_proj sees."""
+        return self.q_a_layernorm(self.q_a_proj(x))
+
+    def kv_latent(self, x):
+        """(normed latent: the input that kv_b_proj sees, k_rope before rotary)."""
+        c = self.cfg
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_rope
+
+    def mix(self, x, cos, sin, past=None):
+        """Attention up to (not including) o_proj: the input that o_proj sees."""
+        c = self.cfg
+        B, T, _ = x.shape
+        n, nope = c.num_attention_heads, c.qk_nope_head_dim
+        q = self.q_b_proj(self.q_latent(x)).view(B, T, n, c.head_dim).transpose(1, 2)
+        latent, k_rope = self.kv_latent(x)
+        q = torch.cat([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # [B, 1, T, rope]: one rotary key for all heads
+        if past is not None:
+            latent, k_rope = torch.cat([past[0], latent], dim=1), torch.cat([past[1], k_rope], dim=2)
+        present = (latent, k_rope)
+        S = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(B, S, n, nope + c.v_head_dim).transpose(1, 2)
+        k = torch.cat([kv[..., :nope], k_rope.expand(B, n, S, c.qk_rope_head_dim)], dim=-1)
+        v = kv[..., nope:]
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
+        return out.transpose(1, 2).reshape(B, T, -1), present
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,7 +174,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.residual_scale = cfg.residual_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 

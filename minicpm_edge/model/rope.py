@@ -104,12 +104,12 @@ def uses_long_factor(cfg, seq_len: int) -> bool:
 
 
 def base_inv_freq(cfg, theta: float | None = None) -> torch.Tensor:
-    d = cfg.head_dim
+    d = cfg.rope_dim  # the rotated part of a head (MiniCPM3: qk_rope_head_dim; otherwise the whole head)
     return 1.0 / ((cfg.rope_theta if theta is None else theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
 
 
 def frequency_factors(cfg, seq_len: int) -> torch.Tensor | None:
-    """Per-frequency divisors (float32, head_dim/2) for a sequence of `seq_len` positions; None for plain rotary.
+    """Per-frequency divisors (float32, rope_dim/2) for a sequence of `seq_len` positions; None for plain rotary.
 
     Dynamic NTK beyond max_position_embeddings changes the base rather than dividing: it has no factors (None) there
     and inverse_frequencies handles it."""
@@ -119,7 +119,7 @@ def frequency_factors(cfg, seq_len: int) -> torch.Tensor | None:
     if r.kind == "longrope":
         return torch.tensor(r.long_factor if uses_long_factor(cfg, seq_len) else r.short_factor, dtype=torch.float32)
     if r.kind == "linear":
-        return torch.full((cfg.head_dim // 2,), r.factor, dtype=torch.float32)
+        return torch.full((cfg.rope_dim // 2,), r.factor, dtype=torch.float32)
     # llama3: long wavelengths divided by factor, short ones kept, a smooth blend between
     inv = base_inv_freq(cfg).double()
     wavelen = 2 * math.pi / inv
@@ -130,10 +130,10 @@ def frequency_factors(cfg, seq_len: int) -> torch.Tensor | None:
 
 
 def inverse_frequencies(cfg, seq_len: int) -> torch.Tensor:
-    """Inverse frequencies (float32, head_dim/2) used for a sequence of `seq_len` positions."""
+    """Inverse frequencies (float32, rope_dim/2) used for a sequence of `seq_len` positions."""
     r = cfg.rope_scaling
     if r is not None and r.kind == "dynamic" and seq_len > cfg.max_position_embeddings:
-        d = cfg.head_dim
+        d = cfg.rope_dim
         theta = cfg.rope_theta * (r.factor * seq_len / cfg.max_position_embeddings - (r.factor - 1)) ** (d / (d - 2))
         return base_inv_freq(cfg, theta)
     inv = base_inv_freq(cfg)

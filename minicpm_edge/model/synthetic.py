@@ -97,6 +97,22 @@ SHAPES.update({
                     "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "tie_word_embeddings": False,
                     "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"},
 })
+# MiniCPM3-4B (MiniCPM3ForCausalLM, multi-head latent attention): values as published copies of its config.json give
+# them (hidden 2560, inter 6400, 62 layers, 40 heads, q_lora 768, kv_lora 256, nope 64, rope 32, v_head_dim absent
+# = 2560/40 = 64, vocab 73448, muP 12 / 1.4 / 256, rms 1e-5, 32768 positions, eos [2, 73440]); tied. Its LongRoPE
+# short and long lists are equal (16 values for qk_rope_head_dim 32), original 32768 = max_position_embeddings.
+MINICPM3_FACTORS = [
+    1.0591234137867171, 1.1241891283591912, 1.2596935748670968, 1.5380380402321725, 2.093982484148734,
+    3.1446935121267696, 4.937952647693647, 7.524541999994549, 10.475458000005451, 13.062047352306353,
+    14.85530648787323, 15.906017515851266, 16.461961959767827, 16.740306425132907, 16.87581087164081,
+    16.940876586213285]
+SHAPES["minicpm3-4b"] = {
+    **_MINICPM, "architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3", "hidden_size": 2560,
+    "intermediate_size": 6400, "num_attention_heads": 40, "num_key_value_heads": 40, "num_hidden_layers": 62,
+    "q_lora_rank": 768, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "vocab_size": 73448,
+    "rope_theta": 10000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True, "eos_token_id": [2, 73440],
+    "rope_scaling": {"type": "longrope", "long_factor": MINICPM3_FACTORS, "short_factor": MINICPM3_FACTORS,
+                     "original_max_position_embeddings": 32768}}
 BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "minicpm-tiny" / "tokenizer.model"
 
 
@@ -105,6 +121,7 @@ def _tensors(cfg: dict, gen: torch.Generator, dtype: torch.dtype):
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = cfg.get("kv_channels") or cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    mla = cfg.get("kv_lora_rank") and _mla_shapes(cfg)
 
     def normal(*shape, std):
         return (torch.randn(*shape, generator=gen) * std).to(dtype)
@@ -113,14 +130,31 @@ def _tensors(cfg: dict, gen: torch.Generator, dtype: torch.dtype):
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", (1 + normal(h, std=0.05).float()).to(dtype)
-        for name, shape in (("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q))):
-            yield p + f"self_attn.{name}.weight", normal(*shape, std=h ** -0.5)
+        if mla:  # MiniCPM3: the latent norms, then the five attention Linears
+            linears, norms = mla
+            for name, width in norms.items():
+                yield p + f"{name}.weight", (1 + normal(width, std=0.05).float()).to(dtype)
+            for name, shape in linears.items():
+                yield p + f"{name}.weight", normal(*shape, std=shape[1] ** -0.5)
+        else:
+            for name, shape in (("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q))):
+                yield p + f"self_attn.{name}.weight", normal(*shape, std=h ** -0.5)
         yield p + "post_attention_layernorm.weight", (1 + normal(h, std=0.05).float()).to(dtype)
         for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
             yield p + f"mlp.{name}.weight", normal(*shape, std=shape[1] ** -0.5)
     yield "model.norm.weight", (1 + normal(h, std=0.05).float()).to(dtype)
     if cfg.get("tie_word_embeddings") is False:
         yield "lm_head.weight", normal(v, h, std=h ** -0.5)
+
+
+def _mla_shapes(cfg: dict) -> tuple[dict, dict]:
+    """MiniCPM3's attention Linears (out, in) and latent norm widths, from ModelConfig."""
+    from .config import parse_config
+
+    c = parse_config(cfg)
+    linears = {k: v for k, v in c.linear_shapes().items() if k.startswith("self_attn.")}
+    norms = {k: v for k, v in c.norm_shapes().items() if k.startswith("self_attn.")}
+    return linears, norms
 
 
 def write_synthetic(kind: str, out: Path, layers: int | None = None, seed: int = 0,

@@ -1,6 +1,7 @@
 """Layer-sequential GPTQ over a whole checkpoint: stream one decoder layer at a time, persist after each, resume.
 
-Per layer, true-sequential: [q, k, v] -> o -> [gate, up] -> down. Each group's inputs are collected with the earlier
+Per layer, true-sequential: [q, k, v] -> o -> [gate, up] -> down (MiniCPM3's latent attention:
+[q_a, kv_a_with_mqa] -> [q_b, kv_b] -> o -> [gate, up] -> down). Each group's inputs are collected with the earlier
 groups already quantised, and the next layer's inputs are the outputs of the quantised layer.
 """
 
@@ -23,13 +24,17 @@ from .. import calib
 from ..artifact import publish, write_manifest
 from ..errors import UserError
 from ..model import Checkpoint, Tokenizer, load_layer
-from ..model.forward import DecoderLayer, rope_tables
+from ..model.forward import DecoderLayer, LatentAttention, rope_tables
 from .format import QuantizedLinear, quantization_config
 from .gptq import GPTQ, rtn
 from .grid import SEARCHES, QuantSpec
 
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# MLA (MiniCPM3) in data-flow order: the two down-projections share the layer input; q_b and kv_b see the latents
+# made by the quantised q_a / kv_a (two inputs, two Hessians); then o, the MLP as above. The latent norms stay as they are.
+MLA_GROUPS = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj", "self_attn.kv_b_proj"),
+              *GROUPS[1:])
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
 SHARD_BYTES = 2**30  # also bounds the memory used to assemble the checkpoint
@@ -89,7 +94,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             opts = replace(opts, compute=auto_compute(opts.device))
         if opts.compute not in COMPUTE:
             raise UserError(f"--compute {opts.compute!r}: choose {', '.join(COMPUTE)} or auto")
-        for name, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+        for name, k in _input_widths(cfg):
             opts.spec.check_k(k, f"{name} {k}")
         out = Path(out)
         if out.exists() and not force:
@@ -164,7 +169,7 @@ def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: Q
         records, report, h = quantize_layer(layer, h, cos, sin, opts)
         report.update(layer=i, seconds=round(time.time() - t0, 3))
         tensors = {f"model.layers.{i}.{m}.{s}": t.cpu() for m, r in records.items() for s, t in r.to_gptq().items()}
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in cfg.norm_shapes():
             name = f"model.layers.{i}.{norm}.weight"
             tensors[name] = ckpt.tensor(name, None)
         _atomic_save(tensors, work / f"layer_{i:04d}.safetensors")
@@ -179,6 +184,15 @@ def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: Q
         if stop_after is not None and i + 1 >= stop_after:
             return False
     return True
+
+
+def _input_widths(cfg) -> list[tuple[str, int]]:
+    """The input widths (K) of the layer's Linears, each with the config key that sets it."""
+    out = [("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)]
+    if cfg.mla:
+        out += [("q_lora_rank", cfg.q_lora_rank), ("kv_lora_rank", cfg.kv_lora_rank),
+                ("num_attention_heads x v_head_dim", cfg.num_attention_heads * cfg.v_head_dim)]
+    return out
 
 
 def _hidden_path(work: Path, layer: int) -> Path:
@@ -214,7 +228,9 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     in bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX), while each solver sees the float32 weights.
     """
     dt = COMPUTE[opts.compute]
-    originals = {name: layer.get_submodule(name).weight.data for group in GROUPS for name in group}
+    mla = isinstance(layer.self_attn, LatentAttention)
+    groups = MLA_GROUPS if mla else GROUPS
+    originals = {name: layer.get_submodule(name).weight.data for group in groups for name in group}
     layer = layer.to(dt)
     cos, sin = cos.to(dt), sin.to(dt)
     attn, mlp = layer.self_attn, layer.mlp
@@ -249,26 +265,33 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
                     kept.append(x)
         return H, kept
 
-    hidden = layer.self_attn.q_proj.in_features
-    # [q, k, v] share one input
+    hidden = layer.input_layernorm.weight.shape[0]
+    # [q, k, v] (MLA: [q_a, kv_a_with_mqa]) share one input
     H, _ = collect(hidden, layer.input_layernorm)
-    solve(GROUPS[0], H)
+    solve(groups[0], H)
     del H
+    if mla:  # q_b and kv_b: the normed latents of the quantised q_a / kv_a
+        H, _ = collect(attn.q_b_proj.in_features, lambda x: attn.q_latent(layer.input_layernorm(x)))
+        solve(groups[1][:1], H)
+        H, _ = collect(attn.kv_b_proj.in_features, lambda x: attn.kv_latent(layer.input_layernorm(x))[0])
+        solve(groups[1][1:], H)
+        del H
+        groups = groups[1:]
     # o sees attention computed with quantised q, k, v
     H, mixed = collect(attn.o_proj.in_features, lambda x: attn.mix(layer.input_layernorm(x), cos, sin)[0], keep=True)
-    solve(GROUPS[1], H)
+    solve(groups[1], H)
     with torch.no_grad():
         for c, m in zip(chunks, mixed):
             h[c] = h[c] + attn.o_proj(m) * layer.residual_scale  # h now holds the mid-layer residual stream
     del mixed
     # [gate, up] share the post-attention norm's output
     H, _ = collect(hidden, layer.post_attention_layernorm)
-    solve(GROUPS[2], H)
+    solve(groups[2], H)
     # down's inputs (intermediate-sized, the largest activations) are kept for the residual update when they fit in
     # KEEP_BYTES (saving a second pass through gate and up), recomputed otherwise
     keep = n * h.shape[1] * mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
     H, acts = collect(mlp.down_proj.in_features, lambda x: mlp.hidden(layer.post_attention_layernorm(x)), keep=keep)
-    solve(GROUPS[3], H)
+    solve(groups[3], H)
     with torch.no_grad():
         for i, c in enumerate(chunks):
             a = acts[i] if keep else mlp.hidden(layer.post_attention_layernorm(h[c].to(dt)))

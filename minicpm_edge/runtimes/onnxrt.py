@@ -38,7 +38,8 @@ class OnnxRunner:
                 or not set(self.outputs) <= outputs.keys():
             raise UserError(f"{path}: not a decoder with input_ids, attention_mask, position_ids, past_key_values.* "
                             "and logits; re-export it with `minicpm-edge export --target onnx`")
-        self.kv_shape = [d if isinstance(d, int) else 0 for d in inputs[self.past[0]].shape]  # [batch, kv, 0, head_dim]
+        # [batch, kv, 0, head_dim] each (MiniCPM3's latent cache: key and value widths differ)
+        self.kv_shapes = [[d if isinstance(d, int) else 0 for d in inputs[n].shape] for n in self.past]
         self.vocab_size = outputs["logits"].shape[-1]
 
     def _run(self, ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -47,7 +48,7 @@ class OnnxRunner:
             raise UserError("no tokens to run")
         ids = check_ids(ids, self.vocab_size, "the ONNX model")
         if past is None:
-            past = [np.zeros([1, *self.kv_shape[1:]], np.float32)] * len(self.past)
+            past = [np.zeros([1, *shape[1:]], np.float32) for shape in self.kv_shapes]
         start, n = past[0].shape[2], len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, start + n), np.int64),
                  "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **dict(zip(self.past, past))}

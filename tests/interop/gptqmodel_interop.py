@@ -3,10 +3,13 @@
   make interop      # = the two steps below
   .venv/bin/python tests/interop/gptqmodel_interop.py export DIR            (main venv)
   .venv-gptqmodel/bin/python tests/interop/gptqmodel_interop.py check DIR   (gptqmodel 7.6.0 venv)
+  .venv/bin/python tests/interop/gptqmodel_interop.py export-mla DIR        (MiniCPM3: then `check DIR` as above)
 
 `export` quantises the bundled model, rewrites its config.json as GraniteForCausalLM (which computes MiniCPM's muP
 math: embedding_multiplier = scale_emb, residual_multiplier = scale_depth/sqrt(L), logits_scaling =
 hidden/dim_model_base, attention_multiplier = 1/sqrt(head_dim)) and saves our dequantised forward's logits.
+`export-mla` does the same for MiniCPM3 (the bundled model converted to latent attention and fine-tuned,
+minicpm_edge.reference.make_mla_model): transformers has MiniCPM3ForCausalLM itself, so config.json stays as written.
 `check` loads the folder with transformers on CPU (GPTQ kernels from gptqmodel) and compares logits.
 """
 
@@ -24,7 +27,7 @@ TOLERANCE = 0.3
 DTYPE_NAME = "float32"
 
 
-def export(out: Path) -> None:
+def export(out: Path, mla: bool = False) -> None:
     import torch
 
     from minicpm_edge import calib
@@ -32,15 +35,22 @@ def export(out: Path) -> None:
     from minicpm_edge.model import Checkpoint, Tokenizer, load_model
     from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
 
-    q = quantize_checkpoint(BUNDLED_MODEL, out, QuantOptions(nsamples=32, seqlen=256), force=True)
+    src = BUNDLED_MODEL
+    if mla:
+        from minicpm_edge.reference import make_mla_model
+
+        src = out.parent / f"{out.name}-bf16"
+        make_mla_model(src)
+    q = quantize_checkpoint(src, out, QuantOptions(nsamples=32, seqlen=256), force=True)
     ck = Checkpoint(q)
     c = ck.config
-    cfg = json.loads((q / "config.json").read_text())
-    cfg.update(architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=float(c.scale_emb),
-               residual_multiplier=c.residual_scale, logits_scaling=c.logit_scale,
-               attention_multiplier=1 / math.sqrt(c.head_dim), attention_bias=False, mlp_bias=False,
-               tie_word_embeddings=True, torch_dtype="float16")
-    (q / "config.json").write_text(json.dumps(cfg, indent=2))
+    if not mla:
+        cfg = json.loads((q / "config.json").read_text())
+        cfg.update(architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=float(c.scale_emb),
+                   residual_multiplier=c.residual_scale, logits_scaling=c.logit_scale,
+                   attention_multiplier=1 / math.sqrt(c.head_dim), attention_bias=False, mlp_bias=False,
+                   tie_word_embeddings=True, torch_dtype="float16")
+        (q / "config.json").write_text(json.dumps(cfg, indent=2))
     ids = calib.token_stream(Tokenizer(q / "tokenizer.model"), calib.heldout_documents())[:256]  # unseen text
     (q / "ids.json").write_text(json.dumps(ids))
     with torch.no_grad():
@@ -85,4 +95,4 @@ def check(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"export": export, "check": check}[sys.argv[1]](Path(sys.argv[2]))
+    {"export": export, "export-mla": lambda p: export(p, mla=True), "check": check}[sys.argv[1]](Path(sys.argv[2]))

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, quantize_codes
+from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
 
@@ -23,14 +24,15 @@ DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most t
 class QuantResult:
     """One quantised matrix, every tensor in the original column order and on the weight's device."""
 
-    codes: torch.Tensor  # uint8 [N, K]
-    scales: torch.Tensor  # float32 [groups, N] (fp16-representable)
-    zeros: torch.Tensor  # int32 [groups, N] true zero points
-    g_idx: torch.Tensor  # int32 [K]
-    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T), exactly
+    codes: torch.Tensor  # uint8 [N, K]; on a GGML block grid, int16 signed codes
+    scales: torch.Tensor | None  # float32 [groups, N] (fp16-representable); None on a block grid
+    zeros: torch.Tensor | None  # int32 [groups, N] true zero points; None on a block grid
+    g_idx: torch.Tensor | None  # int32 [K]; None on a block grid
+    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T) or grid.values(codes)
     damp_used: float = 0.0  # damping actually applied, as a fraction of mean(diag H)
     loss: float = 0.0  # sum over columns of err^2 / d^2 / 2 (the GPTQ objective proxy)
     perm: torch.Tensor | None = None  # act-order: the order columns were quantised in (original indices)
+    grid: BlockGrid | None = None  # the GGML block grid (kquant.py) the codes lie on, when quantised onto one
 
 
 class GPTQ:
@@ -63,18 +65,19 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
                  act_order: bool = False, static_groups: bool = False, search: str = "weighted",
-                 group_aware: bool = False) -> QuantResult:
+                 group_aware: bool = False, block: BlockType | None = None) -> QuantResult:
         """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come.
 
         Column order: natural; `act_order` (decreasing Hessian diagonal over all columns, groups then need
         `static_groups`); or `group_aware` (GAR: whole groups in decreasing order of their largest diagonal entry,
         columns within each group likewise, so every group is still one contiguous run of K and its parameters
         come from its updated columns, as in natural order). `search`: find_params' grid search, weighted by the
-        Hessian diagonal of each column.
+        Hessian diagonal of each column. `block`: a GGML block type (kquant.TYPES) whose two-level grid is fitted to
+        the original weights first (weighted by the Hessian diagonal) and fixed; `spec` is then unused.
         """
         if self.n == 0:
             raise UserError("no calibration tokens reached this layer")
-        if act_order and not static_groups and spec.group_size != -1:
+        if act_order and not static_groups and spec.group_size != -1 and block is None:
             raise UserError("act-order needs static groups (--static-groups) so groups stay contiguous along K")
         if damp < 0 or blocksize < 1:
             raise UserError(f"damping must be >= 0 and block size >= 1 (got {damp}, {blocksize})")
@@ -82,7 +85,8 @@ class GPTQ:
         n_out, k = W.shape
         if k != self.k:
             raise UserError(f"weight has {k} input features, the calibration activations {self.k}")
-        spec.check_k(k)
+        if block is None:
+            spec.check_k(k)
         H = self.H.to(W.device).clone()
         if not torch.isfinite(H).all():
             raise UserError("the calibration Hessian overflowed float32; check the model's activations")
@@ -91,8 +95,11 @@ class GPTQ:
         W[:, dead] = 0
 
         glen, n_groups = spec.group_len(k), spec.groups(k)
-        static = None
-        if static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
+        static, grid = None, None
+        if block is not None:  # static by construction: fixed before any error update, original column order
+            grid = fit_grid(W, block, torch.diag(H))
+            n_groups = 0
+        elif static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
             static = group_params(W, spec, search, torch.diag(H))
         perm = None
         if act_order:
@@ -118,7 +125,12 @@ class GPTQ:
             for j in range(i2 - i1):
                 c = order[i1 + j]
                 g = c // glen
-                if static is not None:
+                w, d = W1[:, j], Hinv1[j, j]
+                if grid is not None:
+                    q = grid.codes(w, c)
+                    codes[:, i1 + j] = q
+                    Q[:, i1 + j] = grid.values(q, c)
+                elif static is not None:
                     scale, zero = static[0][g], static[1][g]
                     scales[g], zeros[g] = scale, zero
                 elif (i1 + j) % glen == 0:  # entering a group (contiguous here): its columns as updated so far
@@ -128,10 +140,10 @@ class GPTQ:
                         cols = torch.cat([W1[:, j:], W[:, i2:i2 + glen - inside]], 1)
                     scale, zero = find_params(cols, spec, search, diag[i1 + j:i1 + j + glen])
                     scales[g], zeros[g] = scale, zero
-                w, d = W1[:, j], Hinv1[j, j]
-                q = quantize_codes(w, scale, zero, spec.maxq)
-                codes[:, i1 + j] = q
-                Q[:, i1 + j] = dequantize(q, scale, zero)
+                if grid is None:
+                    q = quantize_codes(w, scale, zero, spec.maxq)
+                    codes[:, i1 + j] = q
+                    Q[:, i1 + j] = dequantize(q, scale, zero)
                 err = (w - Q[:, i1 + j]) / d
                 losses += err ** 2 / 2
                 W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
@@ -141,6 +153,8 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             Q, codes = Q[:, inv], codes[:, inv]
+        if grid is not None:
+            return QuantResult(codes.to(torch.int16), None, None, None, Q, damp_used, float(losses.sum()), perm, grid)
         return QuantResult(codes.to(torch.uint8), scales, zeros.to(torch.int32), make_g_idx(k, spec, dev), Q,
                            damp_used, float(losses.sum()), perm)
 
@@ -178,10 +192,15 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec, search: str = "weighted",
-        importance: torch.Tensor | None = None) -> QuantResult:
+        importance: torch.Tensor | None = None, block: BlockType | None = None) -> QuantResult:
     """Round to nearest on the same grid: the baseline every GPTQ figure is compared with. `importance` [K] (the
-    Hessian diagonal, as llama.cpp's imatrix) weights the grid search; None weighs every column alike."""
+    Hessian diagonal, as llama.cpp's imatrix) weights the grid search; None weighs every column alike. `block`: the
+    GGML block type's grid instead of `spec`'s, fitted as GPTQ.quantize fits it."""
     W = weight.detach().to(torch.float32)
+    if block is not None:
+        grid = fit_grid(W, block, importance)
+        q = grid.codes(W)
+        return QuantResult(q.to(torch.int16), None, None, None, grid.values(q), grid=grid)
     k = W.shape[1]
     spec.check_k(k)
     scales, zeros = group_params(W, spec, search, importance)

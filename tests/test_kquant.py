@@ -81,3 +81,22 @@ def test_llama_cpp_mix_rules():
     assert mix_type("q4_k_m", "mlp.gate_proj", 9, 32, 640) == "Q5_0"
     with pytest.raises(UserError, match="multiple of 32"):
         mix_type("q4_k_m", "mlp.gate_proj", 0, 4, 100)
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_rtn_grid_not_worse_than_llama_cpps_quantiser(bundled, name):
+    """On a trained weight, our weighted search rounds no worse than libggml's own quantiser (ggml_quantize_chunk,
+    llama.cpp's make_qkx / make_qx searches) given the same importance per column (measured: 0.85-0.99 of its
+    weighted error with an imatrix, 0.78-0.95 without)."""
+    from minicpm_edge.model import Checkpoint
+    from minicpm_edge.runtimes.ggml_quant import ggml_quantize
+
+    w = Checkpoint(bundled).tensor("model.layers.1.mlp.up_proj.weight")  # [640, 256]
+    imp = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(0)) ** 4 + 0.01
+    for im in (None, imp):
+        weights = torch.ones(w.shape[1]) if im is None else im
+        g = fit_grid(w, TYPES[name], im)
+        ours = float(((g.values(g.codes(w)) - w) ** 2 * weights).sum())
+        ref = dequantize_blocks(ggml_quantize(w.numpy(), name, None if im is None else im.numpy()), name, w.shape[1])
+        theirs = float(((ref - w) ** 2 * weights).sum())
+        assert ours <= 1.0 * theirs, (name, im is not None, ours / theirs)

@@ -9,7 +9,7 @@ they are copied as they are, each with its type (Q4_K, Q5_K, Q6_K, Q3_K, or the 
 q_proj / k_proj rows are permuted llama-style (llama.cpp applies rope to adjacent pairs); a row permutation moves
 whole rows of codes and the matching scale columns (or whole rows of blocks), so nothing is re-quantised.
 The embedding (and an untied head) is f16 by default; q8_0 and q6_k (llama.cpp's choice for a tied table) quantise
-it here, by round to nearest (gguf-py's Q8_0, our Q6_K grid).
+it here, by round to nearest on our grid of that type.
 """
 
 from __future__ import annotations
@@ -219,16 +219,14 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
 
 
 def embedding_blocks(table: torch.Tensor, qtype) -> np.ndarray:
-    """The embedding (or head) table rounded to nearest in Q8_0 (gguf-py's quantiser, as llama.cpp) or Q6_K (our
-    Q6_K grid with every column weighted alike), as GGML blocks."""
-    if qtype == QT.Q8_0:
-        return gguf.quants.quantize(table.float().numpy(), qtype)
+    """The embedding (or head) table rounded to nearest on our Q8_0 / Q6_K grid (quant/kquant.py, every column
+    weighted alike; lower error than llama.cpp's own quantiser of the type, tests/test_kquant.py), as GGML blocks."""
     from ..quant import QuantSpec, rtn
     from ..quant.kquant import TYPES, pack
 
     rows = []
     for part in table.split(4096):  # a slice of the table in float32 at a time
-        r = rtn(part.float(), QuantSpec(), block=TYPES["Q6_K"])
+        r = rtn(part.float(), QuantSpec(), block=TYPES[qtype.name])
         rows.append(pack(r.grid, r.codes))
     return np.concatenate(rows)
 

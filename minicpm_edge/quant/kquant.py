@@ -157,8 +157,10 @@ def _fit_sub(x, iw, t):
     best = _err(x3, iw3, base_s[:, None], base_o[:, None], t)
     s_best, o_best = base_s.clone(), base_o.clone()
     for p in CANDIDATES:
-        s, o = base_s * p, base_o * p  # the range shrunk (clipped) or widened around 0
-        for s, o in ((s, o), _lsq(x, iw, s, o, t)):
+        tries = [(base_s * p, base_o * p)]  # the range shrunk (clipped) or widened around 0
+        if t.has_min:
+            tries.append((base_s * p, base_o))  # or at its top only
+        for s, o in [c for s, o in tries for c in ((s, o), _lsq(x, iw, s, o, t))]:
             err = _err(x3, iw3, s[:, None], o[:, None], t)
             better = err < best
             best = torch.where(better, err, best)
@@ -237,29 +239,62 @@ def _fit_super(x, iw, s, o, t):
         for pm in SUPER_CANDIDATES:
             _, _, dmin, m = make(1.0, pm)
             consider((params[0], params[1], dmin, m))
-    for _ in range(2):  # least-squares refit of d (and dmin) with the levels and codes fixed
-        d, sc, dmin, m = params
-        scale = d[:, None] * sc
-        offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
-        q, _ = _codes(x, scale, offset, t)
-        a = (sc[..., None] * q)  # value = d * a - dmin * m
-        if t.has_min:
-            b = m[..., None].expand_as(a)
-            saa, sab, sbb = (iw * a * a).sum((1, 2)), (iw * a * b).sum((1, 2)), (iw * b * b).sum((1, 2))
-            sax, sbx = (iw * a * x).sum((1, 2)), (iw * b * x).sum((1, 2))
-            det = saa * sbb - sab * sab
-            ok = det.abs() > 1e-12 * (saa * sbb).clamp(min=1e-30)
-            safe = torch.where(ok, det, torch.ones_like(det))
-            nd = torch.where(ok, (sbb * sax - sab * sbx) / safe, d)
-            ndm = torch.where(ok, (sab * sax - saa * sbx) / safe, dmin)
-            consider((_fp16(nd), sc, _fp16(ndm), m))
-        else:
-            saa, sax = (iw * a * a).sum((1, 2)), (iw * a * x).sum((1, 2))
-            consider((_fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), sc, dmin, m))
+    for _ in range(2):
+        if t.sc is not None:
+            _nudge_levels(x, iw, params, t)
+            best = judge(*params)
+        _refit(x, iw, params, t, consider)
     d, sc, dmin, m = params
     if t.sc is None:
         return d[:, None], (dmin[:, None] if t.has_min else None), None, None
     return d[:, None], (dmin[:, None] if t.has_min else None), sc.to(torch.int16), (m.to(torch.int16) if t.has_min else None)
+
+
+def _refit(x, iw, params, t, consider):
+    """Weighted least-squares refit of d (and dmin) with the levels and codes fixed, offered to `consider`."""
+    d, sc, dmin, m = params
+    scale = d[:, None] * sc
+    offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
+    q, _ = _codes(x, scale, offset, t)
+    a = (sc[..., None] * q)  # value = d * a - dmin * m
+    if t.has_min:
+        b = m[..., None].expand_as(a)
+        saa, sab, sbb = (iw * a * a).sum((1, 2)), (iw * a * b).sum((1, 2)), (iw * b * b).sum((1, 2))
+        sax, sbx = (iw * a * x).sum((1, 2)), (iw * b * x).sum((1, 2))
+        det = saa * sbb - sab * sab
+        ok = det.abs() > 1e-12 * (saa * sbb).clamp(min=1e-30)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        nd = torch.where(ok, (sbb * sax - sab * sbx) / safe, d)
+        ndm = torch.where(ok, (sab * sax - saa * sbx) / safe, dmin)
+        consider((_fp16(nd), sc, _fp16(ndm), m))
+    else:
+        saa, sax = (iw * a * a).sum((1, 2)), (iw * a * x).sum((1, 2))
+        consider((_fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), sc, dmin, m))
+
+
+def _nudge_levels(x, iw, params, t):
+    """Each sub-block's integer scale (and min) one step either way, where that lowers its own weighted error."""
+    d, sc, dmin, m = params
+    lo, hi = t.sc
+
+    def sub_err(sc_, m_):
+        scale = d[:, None] * sc_
+        offset = dmin[:, None] * m_ if t.has_min else torch.zeros_like(scale)
+        _, v = _codes(x, scale, offset, t)
+        return ((v - x) ** 2 * iw).sum(-1)  # [R, S]
+
+    best = sub_err(sc, m)
+    steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if t.has_min else (0,)) if (a, b) != (0, 0)]
+    for a, b in steps:
+        sc_ = (sc + a).clamp(lo, hi)
+        m_ = (m + b).clamp(0, 63) if t.has_min else m
+        err = sub_err(sc_, m_)
+        better = err < best
+        best = torch.where(better, err, best)
+        sc = torch.where(better, sc_, sc)
+        if t.has_min:
+            m = torch.where(better, m_, m)
+    params[1], params[3] = sc, m
 
 
 # -- GGML bytes ----------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def fit_grid(w: torch.Tensor, t: BlockType, importance: torch.Tensor | None = No
 
 
 def _codes(x, scale, offset, t):
-    """Codes and weighted-error inputs of x [R, S, L] on per-sub-block scale/offset [R, S]."""
+    """Codes and values of x [R, S, L] on per-sub-block scale / offset [R, S]."""
     s, o = scale[..., None], offset[..., None]
     q = torch.where(s == 0, torch.zeros_like(x), torch.round((x + o) / s)).clamp_(t.lo, t.hi)
     return q, s * q - o

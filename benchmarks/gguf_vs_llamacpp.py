@@ -195,7 +195,7 @@ def report(files, info, q, s, torch_ppl) -> None:
                    "-" if kt is None else f"{kt:.3g}", f"{r['top1']:.4f}")
         st.add_row(k, f"{sp['decode']:.0f}", f"{sp['prefill']:.0f}", f"{sp['decode_bound']:.0f}",
                    f"{sp['decode'] / sp['decode_bound']:.1%}")
-    console.print(qt, st)
+    console.print(qt, *([st] if s["rows"] else []))
     for k in files:  # where llama.cpp's mixes (or fallbacks) put other types than the file's main one
         types = {n: ty for n, ty in info[k]["types"].items() if n.split(".")[-2] in LINEAR}
         main_type = Counter(types.values()).most_common(1)[0][0]
@@ -204,8 +204,9 @@ def report(files, info, q, s, torch_ppl) -> None:
                                                                  for n, ty in types.items() if ty != main_type))
     r0 = q["rows"]["F16"]
     console.print(f"{r0['chunks']} windows, {r0['tokens_scored']} scored tokens; torch forward PPL {torch_ppl}")
-    console.print(f"decode tok/s ours-Q4_0 / llama-Q4_0: {s['decode_ratio_ours_llama_q4_0']:.3f} (median of per-round "
-                  f"ratios {', '.join(f'{x:.3f}' for x in s['decode_ratio_rounds'])})")
+    if s["rows"]:
+        console.print(f"decode tok/s ours-Q4_0 / llama-Q4_0: {s['decode_ratio_ours_llama_q4_0']:.3f} (median of "
+                      f"per-round ratios {', '.join(f'{x:.3f}' for x in s['decode_ratio_rounds'])})")
     rows, hh = q["rows"], q["head_to_head"]
     for other, goal in (("llama-Q4_0", "below"), ("llama-Q4_K_M", "at or below")):
         d, se = hh[other]["drift"], hh[other]["drift_se"]

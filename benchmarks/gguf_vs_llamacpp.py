@@ -1,9 +1,11 @@
-"""Our GPTQ GGUF (Q4_0 / Q4_1) against llama.cpp's own quantiser (Q4_0 / Q4_1 / Q4_K_M) on the same model.
+"""Our GPTQ GGUF (Q4_0 / Q4_1 / Q4_K_M / Q3_K_M) against llama.cpp's own quantiser (the same types) on the same model.
 
-  python benchmarks/gguf_vs_llamacpp.py [--model DIR] [--work out/bench-gguf] [--runs 5] [--rounds 3]
+  python benchmarks/gguf_vs_llamacpp.py [--model DIR] [--work out/bench-gguf] [--runs 5] [--rounds 3] [--no-speed]
 
-Steps: GPTQ w4 g32 sym + asym checkpoints (reused from --work when made with the same model and settings; --fresh
-redoes them), their GGUF exports, an F16 GGUF of the unquantised model, and llama.cpp's quantisations of that F16 file.
+Steps: GPTQ w4 g32 sym + asym checkpoints and GPTQ + RTN checkpoints on llama.cpp's q4_k_m / q3_k_m mixes (reused from
+--work when made with the same model and settings; --fresh redoes them), their GGUF exports, an F16 GGUF of the
+unquantised model, and llama.cpp's quantisations of that F16 file (no imatrix: llama_model_quantize takes one only as
+a C++ map).
 llama.cpp keeps the (tied) token embedding in F16 like ours (--llama-embedding default: its own choice, Q6_K), so
 only the decoder Linears differ. Every GGUF is scored through llama.cpp against the F16 GGUF (llama-perplexity
 convention, ctx 512, bundled held-out text) and against our torch forward, then timed with `bench.run.measure` in
@@ -39,7 +41,10 @@ from minicpm_edge.runtimes import open_runner
 
 MODEL = Path(__file__).resolve().parents[1] / "minicpm_edge" / "assets" / "minicpm-tiny"
 LLAMA_TYPES = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
-               "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+               "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q3_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
+MIXES = {"Q4_K_M": "q4_k_m", "Q3_K_M": "q3_k_m"}  # ours on llama.cpp's mixes (quantize --format)
+PAIRS = (("ours-Q4_K_M", "llama-Q4_K_M"), ("ours-Q3_K_M", "llama-Q3_K_M"), ("ours-Q4_K_M", "rtn-Q4_K_M"),
+         ("ours-Q3_K_M", "rtn-Q3_K_M"))  # (ours, peer): paired per position like HEADS
 HEADS = ("ours-Q4_0", "llama-Q4_0", "llama-Q4_K_M")  # compared with each other, position by position
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 console = Console(width=170)
@@ -75,17 +80,22 @@ def output_to(path: Path):
                 os.close(s)
 
 
-def gptq(model: Path, work: Path, sym: bool, nsamples: int, seqlen: int, fresh: bool) -> Path:
-    out = work / f"{model.name}-gptq-w4g32-{'sym' if sym else 'asym'}"
+def gptq(model: Path, work: Path, sym: bool, nsamples: int, seqlen: int, fresh: bool, fmt: str | None = None,
+         method: str = "gptq") -> Path:
+    """GPTQ w4 g32 (sym or asym), or `method` on the llama.cpp mix `fmt`; reused from `work` when made alike."""
+    grid = fmt or f"w4g32-{'sym' if sym else 'asym'}"
+    out = work / f"{model.name}-{method}-{grid}"
     rep = out / "quant_report.json"
     if not fresh and rep.is_file():
         r = json.loads(rep.read_text())
-        if (Path(r["model"]).resolve() == model.resolve() and r["sym"] == sym and r["method"] == "gptq"
+        if (Path(r["model"]).resolve() == model.resolve() and r["sym"] == sym and r["method"] == method
+                and r.get("format", "gptq") == (fmt or "gptq")
                 and r["calibration"]["nsamples"] == nsamples and r["calibration"]["seqlen"] == seqlen):
             return out
     t = time.time()
-    quantize_checkpoint(model, out, QuantOptions(spec=QuantSpec(4, 32, sym), nsamples=nsamples, seqlen=seqlen), force=True)
-    console.print(f"GPTQ {'sym' if sym else 'asym'}: {time.time() - t:.0f} s")
+    quantize_checkpoint(model, out, QuantOptions(spec=QuantSpec(4, 32, sym), nsamples=nsamples, seqlen=seqlen,
+                                                 format=fmt, method=method), force=True)
+    console.print(f"{method} {grid}: {time.time() - t:.0f} s")
     return out
 
 
@@ -129,7 +139,10 @@ def quality(files: dict, model: Path, tokens, bos: int, max_chunks, use_torch: b
             out[k]["vs_torch"] = cmp(torch_ref, r)
         if k in HEADS[1:]:  # paired per position: llama.cpp's file as 'ref', our Q4_0 as 'quant'
             heads[k] = {x: cmp(r, runners[HEADS[0]])[x] for x in ("drift", "drift_se")}
-        if k not in ("F16", HEADS[0]):
+        for ours, peer in PAIRS:
+            if k == peer and ours in runners:
+                heads[f"{ours} vs {peer}"] = {x: cmp(r, runners[ours])[x] for x in ("drift", "drift_se")}
+        if k not in ("F16", HEADS[0]) and k not in {o for o, _ in PAIRS}:
             r.cache.clear()  # ~8 MiB of logits per window
         console.print(f"  {k}: PPL {out[k]['quant']['ppl']:.3f}, KL {out[k]['kl_mean']:.5f} ({time.time() - t:.0f} s)")
     for rep in out.values():
@@ -141,7 +154,8 @@ def quality(files: dict, model: Path, tokens, bos: int, max_chunks, use_torch: b
 def speed(files: dict, runs: int, rounds: int, bandwidth: float, threads: int) -> dict:
     """measure() every file once per round, pairs side by side, order reversed every other round (ABBA), so that
     slow spells of the shared CPU hit the files of a pair alike."""
-    order = ["ours-Q4_0", "llama-Q4_0", "ours-Q4_1", "llama-Q4_1", *(k for k in files if k.startswith("llama-Q4_K")), "F16"]
+    order = [k for k in ("ours-Q4_0", "llama-Q4_0", "ours-Q4_1", "llama-Q4_1", "ours-Q4_K_M", "llama-Q4_K_M",
+                         "ours-Q3_K_M", "llama-Q3_K_M", "F16") if k in files]
     runners = {k: open_runner(files[k], threads=threads, n_ctx=512) for k in order}
     per = {k: [] for k in order}
     for i in range(rounds):
@@ -163,6 +177,8 @@ def speed(files: dict, runs: int, rounds: int, bandwidth: float, threads: int) -
 
 
 def report(files, info, q, s, torch_ppl) -> None:
+    nan = {"decode": float("nan"), "prefill": float("nan"), "decode_bound": float("nan")}
+    s = s or {"rows": {}, "decode_ratio_ours_llama_q4_0": float("nan"), "decode_ratio_rounds": []}
     qt = Table(title="Quality through llama.cpp (llama-perplexity convention, ctx 512); reference: F16 GGUF")
     st = Table(title="Speed through llama.cpp (bench.run.measure, pp128 / tg64, median of rounds)")
     for t, cols in ((qt, ("file", "linear types", "embd", "MiB", "bpw lin", "PPL ref", "PPL", "drift ±se",
@@ -171,7 +187,7 @@ def report(files, info, q, s, torch_ppl) -> None:
         for c in cols:
             t.add_column(c, justify="left" if c in ("file", "linear types", "embd") else "right")
     for k in files:
-        r, i, sp = q["rows"][k], info[k], s["rows"][k]
+        r, i, sp = q["rows"][k], info[k], s["rows"].get(k, nan)
         kt = r.get("vs_torch", {}).get("kl_mean")
         qt.add_row(k, " ".join(f"{n}x{ty}" for ty, n in i["linear_types"].items()), i["embedding_type"],
                    f"{i['mib']:.2f}", f"{i['linear_bpw']:.2f}", f"{r['ref']['ppl']:.3f}", f"{r['quant']['ppl']:.3f}",
@@ -179,7 +195,7 @@ def report(files, info, q, s, torch_ppl) -> None:
                    "-" if kt is None else f"{kt:.3g}", f"{r['top1']:.4f}")
         st.add_row(k, f"{sp['decode']:.0f}", f"{sp['prefill']:.0f}", f"{sp['decode_bound']:.0f}",
                    f"{sp['decode'] / sp['decode_bound']:.1%}")
-    console.print(qt, st)
+    console.print(qt, *([st] if s["rows"] else []))
     for k in files:  # where llama.cpp's mixes (or fallbacks) put other types than the file's main one
         types = {n: ty for n, ty in info[k]["types"].items() if n.split(".")[-2] in LINEAR}
         main_type = Counter(types.values()).most_common(1)[0][0]
@@ -188,8 +204,9 @@ def report(files, info, q, s, torch_ppl) -> None:
                                                                  for n, ty in types.items() if ty != main_type))
     r0 = q["rows"]["F16"]
     console.print(f"{r0['chunks']} windows, {r0['tokens_scored']} scored tokens; torch forward PPL {torch_ppl}")
-    console.print(f"decode tok/s ours-Q4_0 / llama-Q4_0: {s['decode_ratio_ours_llama_q4_0']:.3f} (median of per-round "
-                  f"ratios {', '.join(f'{x:.3f}' for x in s['decode_ratio_rounds'])})")
+    if s["rows"]:
+        console.print(f"decode tok/s ours-Q4_0 / llama-Q4_0: {s['decode_ratio_ours_llama_q4_0']:.3f} (median of "
+                      f"per-round ratios {', '.join(f'{x:.3f}' for x in s['decode_ratio_rounds'])})")
     rows, hh = q["rows"], q["head_to_head"]
     for other, goal in (("llama-Q4_0", "below"), ("llama-Q4_K_M", "at or below")):
         d, se = hh[other]["drift"], hh[other]["drift_se"]
@@ -201,6 +218,15 @@ def report(files, info, q, s, torch_ppl) -> None:
                       f"{d / se:+.1f} se); KL {rows['ours-Q4_0']['kl_mean']:.5f} vs {rows[other]['kl_mean']:.5f}: "
                       f"{'lower' if kl_ok else 'NOT lower'}")
         q["goals"] = {**q.get("goals", {}), f"ppl {goal} {other}": verdict, f"kl below {other}": kl_ok}
+    for ours, peer in PAIRS:
+        if ours not in rows or peer not in rows:
+            continue
+        d, se = hh[f"{ours} vs {peer}"]["drift"], hh[f"{ours} vs {peer}"]["drift_se"]
+        ratio = rows[ours]["kl_mean"] / rows[peer]["kl_mean"]
+        console.print(f"{ours} vs {peer}: KL {rows[ours]['kl_mean']:.5f} vs {rows[peer]['kl_mean']:.5f} (ratio "
+                      f"{ratio:.3f}), {info[ours]['mib']:.2f} vs {info[peer]['mib']:.2f} MiB; paired PPL ratio "
+                      f"{d:+.3%} ±{se:.3%}")
+        q["goals"][f"kl ratio {ours} / {peer}"] = ratio
 
 
 def main() -> None:
@@ -218,13 +244,21 @@ def main() -> None:
                     help="llama.cpp threads for scoring (logits are bit-identical for any count; 1 is fastest on a busy CPU)")
     ap.add_argument("--no-torch", action="store_true", help="skip the KL against our torch forward")
     ap.add_argument("--fresh", action="store_true", help="re-quantise even when --work holds the checkpoints")
+    ap.add_argument("--no-speed", action="store_true", help="skip the timing rounds")
+    ap.add_argument("--embedding", choices=("f16", "q8_0", "q6_k"), default="f16",
+                    help="our files' embedding type (q6_k with --llama-embedding default: llama.cpp's own choice)")
     a = ap.parse_args()
     t0, work, model = time.time(), a.work, a.model
     work.mkdir(parents=True, exist_ok=True)
     ckpts = {s: gptq(model, work, s, a.nsamples, a.seqlen, a.fresh) for s in (True, False)}
+    emb = a.embedding
     files = {"F16": gguf_of(model, work / "gguf-f16", dtype="f16"),
-             "ours-Q4_0": gguf_of(ckpts[True], work / "gguf-ours-q4_0"),
-             "ours-Q4_1": gguf_of(ckpts[False], work / "gguf-ours-q4_1")}
+             "ours-Q4_0": gguf_of(ckpts[True], work / "gguf-ours-q4_0", embedding=emb),
+             "ours-Q4_1": gguf_of(ckpts[False], work / "gguf-ours-q4_1", embedding=emb)}
+    for kind, fmt in MIXES.items():
+        for who, method in (("ours", "gptq"), ("rtn", "rtn")):
+            ck = gptq(model, work, True, a.nsamples, a.seqlen, a.fresh, fmt, method)
+            files[f"{who}-{kind}"] = gguf_of(ck, work / f"gguf-{who}-{fmt}", embedding=emb)
     (work / "gguf-llama").mkdir(exist_ok=True)
     for kind in LLAMA_TYPES:
         files[f"llama-{kind}"] = llama_quantize(files["F16"], work / "gguf-llama" / f"{model.name}-llama-{kind}.gguf",
@@ -237,7 +271,7 @@ def main() -> None:
     torch_ppl = f"{q['rows']['F16']['vs_torch']['ref']['ppl']:.3f}" if not a.no_torch else "(skipped)"
     console.print(f"scored ({time.time() - t0:.0f} s); timing {a.rounds} rounds x {a.runs} runs")
     bandwidth = roofline.measure_bandwidth()
-    s = speed(files, a.runs, a.rounds, bandwidth, a.threads)
+    s = None if a.no_speed else speed(files, a.runs, a.rounds, bandwidth, a.threads)
     report(files, info, q, s, torch_ppl)
     result = {"model": str(model), "llama_embedding": a.llama_embedding, "bandwidth_gbs": bandwidth,
               "files": {k: str(p) for k, p in files.items()}, "tensors": info, "quality": q, "speed": s,

@@ -52,9 +52,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 @app.command()
 def quantize(
     model: Path = typer.Argument(BUNDLED_MODEL, help="HF checkpoint directory (default: the bundled model)."),
-    bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
-    group_size: int = typer.Option(32, help="Group size along the input dimension (-1: per channel)."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (every target) or asymmetric grid."),
+    bits: Optional[int] = typer.Option(None, help="Bits per weight: 2, 3, 4 or 8 (default 4)."),
+    group_size: Optional[int] = typer.Option(None, help="Group size along the input dimension (-1: per channel; "
+                                             "default 32)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (every target; default) or asymmetric "
+                                       "grid."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="A llama.cpp type instead of --bits/--group-size/"
+                                         "--asym: q4_0 (= w4 g32 sym), q4_1 (= w4 g32 asym), or the mixes q4_k_m / "
+                                         "q3_k_m (llama.cpp's K-quant blocks per tensor; GGUF export only)."),
     method: Method = typer.Option(Method.gptq, help="gptq (Hessian error updates) or rtn (round to nearest)."),
     calib: Optional[str] = typer.Option(None, help="Calibration text: .txt/.jsonl file, folder, wikitext2 or c4."),
     nsamples: int = typer.Option(128, help="Calibration samples."),
@@ -73,18 +78,30 @@ def quantize(
                                "rounding error), mse (GPTQ's unweighted clipping search) or max (no search)."),
     mse: bool = typer.Option(False, help="Same as --search mse."),
 ):
-    """GPTQ int4 group quantisation, layer by layer, on CPU."""
+    """GPTQ int4 group quantisation (or onto llama.cpp's K-quant mixes), layer by layer, on CPU."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .model import Checkpoint
     from .quant.driver import QuantOptions, quantize_checkpoint
     from .quant.grid import QuantSpec
 
+    from .quant.kquant import FORMATS, MIXES
+
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UserError(f"--format {fmt}: choose {', '.join(FORMATS)}")
+        if (bits, group_size, sym) != (None, None, None):
+            raise UserError(f"--format {fmt} sets the grid itself; give either --format or --bits/--group-size/"
+                            "--sym/--asym")
+        bits, group_size, sym = 4, 32, fmt != "q4_1"
+    bits, group_size, sym = 4 if bits is None else bits, 32 if group_size is None else group_size, sym is not False
+    mix = fmt if fmt in MIXES else None
     opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method.value, damp=damp, nsamples=nsamples,
                         seqlen=seqlen, calib=calib, order=order, static_groups=static_groups,
-                        search="mse" if mse else search, device=device, compute=compute)
+                        search="mse" if mse else search, device=device, compute=compute, format=mix)
+    grid = mix or f"w{bits}g{group_size}{'' if sym else '-asym'}"
     if out is None:
-        out = Path("out") / f"{model.name}-{method.value}-w{bits}g{group_size}{'' if sym else '-asym'}"
+        out = Path("out") / f"{model.name}-{method.value}-{grid}"
     layers = Checkpoint(model).config.num_hidden_layers
     with Progress(TextColumn("[bold]quantize[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=False) as bar:
@@ -100,7 +117,8 @@ def quantize(
             bar.live.transient = True  # the error alone is the message: no half-finished bar above it
             raise
     report = json.loads((result / "quant_report.json").read_text())
-    console.print(f"wrote {result} ({method.value}, {bits}-bit, group {group_size}, {'sym' if sym else 'asym'}; "
+    what = f"llama.cpp {mix} mix" if mix else f"{bits}-bit, group {group_size}, {'sym' if sym else 'asym'}"
+    console.print(f"wrote {result} ({method.value}, {what}; "
                   f"{report['totals']['seconds']:.1f}s; mean layer rel. error {report['totals']['mean_layer_rel_error']:.4f})")
 
 
@@ -201,7 +219,8 @@ def export(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: out/<checkpoint>-<target>)."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
     dtype: str = typer.Option("f16", help="ios, unquantised checkpoints: f16 or f32 weights."),
-    embedding: str = typer.Option("f16", help="ios: embedding type f16, f32 or q8_0."),
+    embedding: str = typer.Option("f16", help="ios: embedding (and untied head) type f16, f32, q8_0 or q6_k (what "
+                                  "llama.cpp's mixes give a tied table)."),
     layout: str = typer.Option("q4f16_0", help="android/harmony: q4f16_0 (default) or q4f16_1."),
     accuracy_level: int = typer.Option(4, help="onnx: MatMulNBits accuracy_level 0-4."),
     model_id: Optional[str] = typer.Option(None, help="android/harmony: MLC model id (default: <name>-<layout>-MLC)."),
@@ -355,8 +374,12 @@ def inspect(
                   f"dtypes: {', '.join(f'{k} {v:,}' for k, v in s['dtypes'].items())}")
     if s["quantization"]:
         q = s["quantization"]
-        console.print(f"quantization: {q['method']} {q['bits']}-bit, group {q['group_size']}, "
-                      f"{'symmetric' if q['sym'] else 'asymmetric'}, format {q['format']}, act-order {q['desc_act']}")
+        if "types" in q:
+            console.print(f"quantization: {q['method']} on llama.cpp's {q['format']} mix ("
+                          f"{', '.join(f'{t} x{n}' for t, n in q['types'].items())}), act-order {q['desc_act']}")
+        else:
+            console.print(f"quantization: {q['method']} {q['bits']}-bit, group {q['group_size']}, "
+                          f"{'symmetric' if q['sym'] else 'asymmetric'}, format {q['format']}, act-order {q['desc_act']}")
     console.print(f"muP: embedding x{s['muP']['embedding_scale']:g}, residual x{s['muP']['residual_scale']:.6g}, "
                   f"logits / {s['muP']['logit_scale']:g}; tokenizer: {s['tokenizer'] or 'none'}")
     cfg = table("key", "value", title="config")

@@ -118,7 +118,9 @@ def evaluate(ref_path: Path, quant_path: Path, data=None, ctx: int = 512, method
     if report["quant"]["runtime"] == "torch" and Path(quant_path).is_dir():
         with Checkpoint(quant_path) as ckpt:
             q = ckpt.quant
-        if q:
+        if q and q["kind"] == "ggml":
+            report["quantization"] = {"format": q["format"], "method": q["raw"].get("meta", {}).get("method", "gptq")}
+        elif q:
             report["quantization"] = {"bits": q["spec"].bits, "group_size": q["spec"].group_size, "sym": q["spec"].sym,
                                       "method": q["raw"].get("meta", {}).get("method", "gptq")}
     return report

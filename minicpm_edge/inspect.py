@@ -22,6 +22,8 @@ def summarize(path: str | Path) -> dict:
             dtypes[ckpt.dtype(name)] += n
             if name.endswith(".qweight"):  # packed int32: count the weights it holds
                 params += n * 32 // ckpt.quant["spec"].bits
+            elif name.endswith(".ggml") and ckpt.quant:  # GGML blocks: the weights they hold
+                params += math.prod(ckpt.linear_shape(name[:-len(".ggml")]))
             elif not (ckpt.quant and name.endswith((".qzeros", ".scales", ".g_idx"))):
                 params += n
             key = _LAYER.sub("model.layers.*.", name)
@@ -45,6 +47,10 @@ def summarize(path: str | Path) -> dict:
 def _quant(ckpt: Checkpoint) -> dict | None:
     if not ckpt.quant:
         return None
+    if ckpt.quant["kind"] == "ggml":
+        types = Counter(ckpt.quant["types"].values())
+        return {"method": ckpt.quant["raw"].get("meta", {}).get("method", "gptq"), "format": ckpt.quant["format"],
+                "types": dict(types), "desc_act": ckpt.quant["desc_act"]}
     spec = ckpt.quant["spec"]
     first = ckpt.quantized(f"model.layers.0.{next(iter(ckpt.config.linear_shapes()))}")
     return {"method": "GPTQ", "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,

@@ -115,3 +115,15 @@ def test_help_keeps_option_names_whole_at_any_width():
         assert r.returncode == 0
         for opt in ("--group-size", "--nsamples", "--static-groups", "--compute"):
             assert opt in r.stdout, (columns, opt)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--format", "q4_k_m", "--bits", "3"), "--format q4_k_m sets the grid itself"),
+    (("--format", "q4_0", "--asym"), "--format q4_0 sets the grid itself"),
+    (("--format", "q2_k"), "--format q2_k: choose q4_0, q4_1, q4_k_m, q3_k_m"),
+])
+def test_quantize_format_refusals_are_one_line(tmp_path, args, message):
+    r = cli("quantize", *args, "--out", tmp_path / "q")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "q").exists()

@@ -4,8 +4,12 @@ GPTQ codes go into Q4_0 (symmetric) or Q4_1 (asymmetric) blocks unchanged (FORMA
 Q4_0 value = (q - 8) * d with d = s; Q4_1 value = d * q + m with d = s, m = -s * z. A block holds 32 weights along K;
 groups of 64, 128 or one per channel repeat their d (and m) over each of their blocks of 32, exactly. A block has:
 fp16 d [, fp16 m], then 16 bytes where byte j has element j in the low nibble and element j + 16 in the high nibble.
+A `--format q4_k_m / q3_k_m` checkpoint stores each Linear as GGML blocks already (quant/format.py GGMLLinear):
+they are copied as they are, each with its type (Q4_K, Q5_K, Q6_K, Q3_K, or the Q4_0/Q5_0/Q5_1/Q8_0 fallbacks).
 q_proj / k_proj rows are permuted llama-style (llama.cpp applies rope to adjacent pairs); a row permutation moves
-whole rows of codes and the matching scale columns, so nothing is re-quantised.
+whole rows of codes and the matching scale columns (or whole rows of blocks), so nothing is re-quantised.
+The embedding (and an untied head) is f16 by default; q8_0 and q6_k (llama.cpp's choice for a tied table) quantise
+it here, by round to nearest on our grid of that type.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ MLA_NORMS = {**NORMS, "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.kv_
 MINICPM3_FIXED = {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 256}
 FILE_TYPES = {QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
               QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.F32: gguf.LlamaFileType.ALL_F32,
-              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
-EMBEDDINGS = {"f16": QT.F16, "f32": QT.F32, "q8_0": QT.Q8_0}
+              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+              "q3_k_m": gguf.LlamaFileType.MOSTLY_Q3_K_M}
+EMBEDDINGS = {"f16": QT.F16, "f32": QT.F32, "q8_0": QT.Q8_0, "q6_k": QT.Q6_K}
 
 
 def permute_rows(n_rows: int, n_head: int) -> torch.Tensor:
@@ -188,8 +193,9 @@ class Plan:
             for m in names:
                 prefix = f"model.layers.{i}.{m}"
                 heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}.get(m)
-                self.add(f"blk.{i}.{names[m]}.weight", ckpt.linear_shape(prefix), linear_type,
-                         lambda prefix=prefix, heads=heads: linear(ckpt, prefix, heads, linear_type))
+                qtype = QT[ckpt.quant["types"][prefix]] if isinstance(linear_type, str) else linear_type
+                self.add(f"blk.{i}.{names[m]}.weight", ckpt.linear_shape(prefix), qtype,
+                         lambda prefix=prefix, heads=heads, qtype=qtype: linear(ckpt, prefix, heads, qtype))
         self.add("output_norm.weight", (c.hidden_size,), QT.F32, lambda: ckpt.final_norm())
         for slot, factors in rope_factors(c).items():
             self.add(f"rope_factors_{slot}.weight", (c.rope_dim // 2,), QT.F32, lambda f=factors: f)
@@ -205,7 +211,11 @@ class Plan:
 
 
 def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarray | torch.Tensor:
-    """One Linear as GGUF data: Q4 blocks from the GPTQ codes, or a float weight; rows permuted for q/k."""
+    """One Linear as GGUF data: Q4 blocks from the GPTQ codes, the stored GGML blocks, or a float weight; rows
+    permuted for q/k."""
+    if ckpt.quant and ckpt.quant["kind"] == "ggml":
+        blocks = ckpt.quantized(prefix).blocks
+        return (blocks[permute_rows(blocks.shape[0], heads)] if heads else blocks).numpy()
     if qtype in (QT.Q4_0, QT.Q4_1):
         q = ckpt.quantized(prefix)
         codes = q.codes
@@ -216,6 +226,19 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
         return q4_blocks(codes, scales, zeros if qtype == QT.Q4_1 else None)
     w = ckpt.tensor(prefix + ".weight")
     return w[permute_rows(w.shape[0], heads)] if heads else w
+
+
+def embedding_blocks(table: torch.Tensor, qtype) -> np.ndarray:
+    """The embedding (or head) table rounded to nearest on our Q8_0 / Q6_K grid (quant/kquant.py, every column
+    weighted alike; lower error than llama.cpp's own quantiser of the type, tests/test_kquant.py), as GGML blocks."""
+    from ..quant import QuantSpec, rtn
+    from ..quant.kquant import TYPES, pack
+
+    rows = []
+    for part in table.split(4096):  # a slice of the table in float32 at a time
+        r = rtn(part.float(), QuantSpec(), block=TYPES[qtype.name])
+        rows.append(pack(r.grid, r.codes))
+    return np.concatenate(rows)
 
 
 def rope_factors(c) -> dict:
@@ -238,7 +261,8 @@ def rope_factors(c) -> dict:
 
 
 def check_exportable(ckpt: Checkpoint) -> object:
-    """The GGML type for the checkpoint's Linears, or a UserError saying why llama.cpp cannot hold them exactly."""
+    """The GGML type for the checkpoint's Linears (the mix's name, e.g. "q4_k_m", for a GGML-block checkpoint, whose
+    types are per tensor), or a UserError saying why llama.cpp cannot hold them exactly."""
     c = ckpt.config
     if c.hidden_act != "silu":
         raise UserError(f"{ckpt.dir}: hidden_act {c.hidden_act!r} (MiniCPM-S) is not supported by llama.cpp's minicpm "
@@ -248,6 +272,8 @@ def check_exportable(ckpt: Checkpoint) -> object:
     q = ckpt.quant
     if q is None:
         return None
+    if q["kind"] == "ggml":
+        return q["format"]
     spec = q["spec"]
     how = "re-quantise with `minicpm-edge quantize --bits 4 --group-size 32`"
     if spec.bits != 4:
@@ -287,7 +313,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
             raise UserError(f"--dtype {dtype}: an unquantised checkpoint is written as f16 or f32")
         linear_type = QT.F16 if dtype == "f16" else QT.F32
     if embedding not in EMBEDDINGS:
-        raise UserError(f"--embedding {embedding}: choose f16, f32 or q8_0")
+        raise UserError(f"--embedding {embedding}: choose {', '.join(EMBEDDINGS)}")
     if ckpt.tokenizer_path is None:
         raise UserError(f"{ckpt.dir}: no tokenizer.model or tokenizer.json; GGUF files carry their tokenizer")
     tok = tokenizer_metadata(ckpt.tokenizer_path)
@@ -344,13 +370,13 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
                                 "q8_0, or --dtype f32")
             data = data.numpy()
         elif isinstance(data, torch.Tensor):
-            data = data.float().numpy()
-            data = gguf.quants.quantize(data, qtype) if qtype == QT.Q8_0 else data.astype(np.float32)
+            data = embedding_blocks(data, qtype) if qtype in (QT.Q8_0, QT.Q6_K) else data.float().numpy()
         if data.nbytes != nbytes:
             raise AssertionError(f"{gname}: {data.nbytes} bytes produced, {nbytes} planned")
         w.write_tensor_data(np.ascontiguousarray(data))
     w.close()
-    return {"file": path.name, "type": linear_type.name, "embedding": EMBEDDINGS[embedding].name,
+    kind = linear_type.upper() if isinstance(linear_type, str) else linear_type.name
+    return {"file": path.name, "type": kind, "embedding": EMBEDDINGS[embedding].name,
             "tensors": len(plan.items), "tokenizer": f"{tok['model']} ({tok['pre']})",
             "tokenizer_normalizer": tok["normalizer"],
             "tokenizer_faithful_in_llama_cpp": tok["faithful"], "model": c.notes()}

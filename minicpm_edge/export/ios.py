@@ -22,12 +22,12 @@ def gguf_name(ckpt: Checkpoint, kind: str) -> str:
 
 
 def export_ios(checkpoint: Path, out: Path, force: bool = False, dtype: str = "f16", embedding: str = "f16") -> Path:
-    """Write `out/` with <name>-Q4_0.gguf (or Q4_1 / F16 / F32), MiniCPM.json (LLMFarm template) and README.md."""
+    """Write `out/` with <name>-Q4_0.gguf (or Q4_1 / Q4_K_M / Q3_K_M / F16 / F32), MiniCPM.json (LLMFarm template) and README.md."""
     with Checkpoint(checkpoint) as ckpt, staging(out, force, "ios") as tmp:
         from .gguf import check_exportable
 
         qtype = check_exportable(ckpt)
-        kind = qtype.name if qtype is not None else dtype.upper()
+        kind = dtype.upper() if qtype is None else qtype.upper() if isinstance(qtype, str) else qtype.name
         summary = write_gguf(ckpt, tmp / gguf_name(ckpt, kind), dtype=dtype, embedding=embedding)
         template = json.loads(TEMPLATE.read_text())
         template["template_name"] = f"MiniCPM ({ckpt.dir.name})"

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..model import Checkpoint
 from ..model.checkpoint import LINEARS
 from ..model.hub import model_name
+from ..quant.format import require_gptq
 from ..model.tokenizer import AI, USER, Tokenizer, dummy_prefix
 
 LAYOUTS = {"q4f16_0": "KN", "q4f16_1": "NK"}
@@ -169,6 +170,7 @@ def check_exportable(ckpt: Checkpoint) -> None:
     q = ckpt.quant
     if q is None:
         raise UserError(f"{where}: not a GPTQ checkpoint; the MLC export stores GPTQ int4 codes, {how} first")
+    require_gptq(q, where, "mlc's q4f16 (one fp16 scale per group of 32)")
     spec = q["spec"]
     if spec.bits != 4:
         raise UserError(f"{where}: GPTQ {spec.bits}-bit has no exact q4f16 form (mlc stores 4-bit codes); {how}")

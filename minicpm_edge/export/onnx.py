@@ -31,7 +31,7 @@ from ..model.config import ModelConfig
 from ..model.forward import LatentAttention
 from ..model.tokenizer import CHAT_TEMPLATE, Tokenizer, hf_tokenizer
 from ..quant.driver import TOKENIZER_FILES
-from ..quant.format import QuantizedLinear
+from ..quant.format import QuantizedLinear, require_gptq
 
 OPSET = 17
 NBITS = (2, 4, 8)  # what onnxruntime's MatMulNBits CPU kernel runs (4 everywhere; 2 and 8 in recent releases)
@@ -52,6 +52,7 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
         cfg, quant = ckpt.config, ckpt.quant
         if quant is None:
             raise UserError(f"{checkpoint}: not a GPTQ checkpoint; quantise it first (minicpm-edge quantize --out DIR)")
+        require_gptq(quant, checkpoint, "ONNX MatMulNBits (one scale and zero point per block)")
         spec = quant["spec"]
         if spec.bits not in NBITS:
             raise UserError(f"{checkpoint}: {spec.bits}-bit weights have no MatMulNBits kernel; quantise with "

@@ -112,12 +112,12 @@ class Checkpoint:
             raise UserError(f"{self.dir}: config.json has {c.num_hidden_layers} layers but the checkpoint lacks "
                             f"model.layers.{first} ({len(present)} layers present)")
         need = ["model.embed_tokens.weight", "model.norm.weight"]
-        linear = ".qweight" if self.quant else ".weight"
+        linear = self._linear_suffix
         linears, norms = c.linear_shapes(), c.norm_shapes()
         for i in range(c.num_hidden_layers):
             need += [f"model.layers.{i}.{m}.weight" for m in norms]
             need += [f"model.layers.{i}.{m}{linear}" for m in linears]
-            if self.quant:
+            if self.quant and self.quant["kind"] == "gptq":
                 need += [f"model.layers.{i}.{m}.{x}" for m in linears for x in ("qzeros", "scales")]
         missing = [n for n in need if n not in self._where]
         if missing:
@@ -180,21 +180,41 @@ class Checkpoint:
         for path in [p for p, h in self._handles.items() if not isinstance(h, dict)]:
             del self._handles[path]
 
+    @property
+    def _linear_suffix(self) -> str:
+        return {None: ".weight", "gptq": ".qweight", "ggml": ".ggml"}[self.quant and self.quant["kind"]]
+
     def linear_shape(self, prefix: str) -> tuple[int, int]:
         """(out, in) of a Linear, quantised or not."""
-        name = prefix + ".qweight" if self.quant and self.has(prefix + ".qweight") else prefix + ".weight"
+        suffix = self._linear_suffix
+        name = prefix + suffix if self.has(prefix + suffix) else prefix + ".weight"
         shape = self.shape(name)
         if len(shape) != 2:
             raise UserError(f"{self._where[name]}: {name} has shape {list(shape)}; a Linear's weight is a matrix")
         if name.endswith(".qweight"):
             return shape[1], shape[0] * 32 // self.quant["spec"].bits
+        if name.endswith(".ggml"):
+            from ..quant.kquant import TYPES
+
+            t = TYPES[self._ggml_type(prefix)]
+            return shape[0], shape[1] // t.nbytes * t.block
         return shape
 
+    def _ggml_type(self, prefix: str) -> str:
+        qtype = self.quant["types"].get(prefix)
+        if qtype is None:
+            raise UserError(f"{self.dir}: quantization_config.tensor_types names no type for {prefix}")
+        return qtype
+
     def quantized(self, prefix: str):
-        """The QuantizedLinear record of a GPTQ checkpoint's Linear (e.g. `model.layers.0.mlp.up_proj`)."""
-        from ..quant.format import SUFFIXES, QuantizedLinear
+        """The QuantizedLinear record of a GPTQ checkpoint's Linear (e.g. `model.layers.0.mlp.up_proj`), or the
+        GGMLLinear of a --format q4_k_m / q3_k_m one."""
+        from ..quant.format import SUFFIXES, GGMLLinear, QuantizedLinear
 
         q = self.quant
+        if q["kind"] == "ggml":
+            return GGMLLinear.read(self.tensor(prefix + ".ggml", None), self._ggml_type(prefix),
+                                   self.linear_shape(prefix)[1], prefix)
         t = {s: self.tensor(f"{prefix}.{s}", None) for s in SUFFIXES if self.has(f"{prefix}.{s}")}
         spec = q["spec"]
         return QuantizedLinear.from_gptq(t, spec.bits, spec.group_size, spec.sym, q["v2"], name=prefix)
@@ -207,9 +227,10 @@ class Checkpoint:
             if not n.startswith(prefix):
                 continue
             short = n[len(prefix):]
-            if short.endswith(".qweight"):
-                w = self.quantized(n[:-len(".qweight")]).dequantize()
-                state[short[:-len(".qweight")] + ".weight"] = w if dtype is None else w.to(dtype)
+            if short.endswith((".qweight", ".ggml")):
+                base = short.rsplit(".", 1)[0]
+                w = self.quantized(prefix + base).dequantize()
+                state[base + ".weight"] = w if dtype is None else w.to(dtype)
             elif not short.endswith((".qzeros", ".scales", ".g_idx", ".bias")) or not self.quant:
                 state[short] = self.tensor(n, dtype)
         return state

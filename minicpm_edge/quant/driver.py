@@ -25,9 +25,10 @@ from ..artifact import publish, write_manifest
 from ..errors import UserError
 from ..model import Checkpoint, Tokenizer, load_layer
 from ..model.forward import DecoderLayer, LatentAttention, rope_tables
-from .format import QuantizedLinear, quantization_config
+from .format import GGMLLinear, QuantizedLinear, ggml_quantization_config, quantization_config
 from .gptq import GPTQ, rtn
 from .grid import SEARCHES, QuantSpec
+from .kquant import FORMATS, MIXES, TYPES, mix_type
 
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -56,6 +57,7 @@ class QuantOptions:
     compute: str = "auto"  # layer forwards and Hessian products: fp32, bf16 or auto (the solver is always fp32)
     batch: int = 8  # calibration samples per forward chunk
     seed: int = 0
+    format: str | None = None  # a llama.cpp mix (kquant.MIXES: GGML blocks per Linear, `spec` unused) or None (GPTQ v1)
 
     @property
     def column_order(self) -> dict[str, bool]:
@@ -89,6 +91,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             raise UserError(f"grid search {opts.search!r}: choose {', '.join(SEARCHES)}")
         if opts.order not in ORDERS:
             raise UserError(f"--order {opts.order!r}: choose {', '.join(ORDERS)}")
+        if opts.format is not None and opts.format not in MIXES:
+            raise UserError(f"--format {opts.format!r}: choose {', '.join(FORMATS)}")
         _check_device(opts.device)
         if opts.compute == "auto":
             opts = replace(opts, compute=auto_compute(opts.device))
@@ -166,9 +170,9 @@ def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: Q
     for i in range(start, cfg.num_hidden_layers):
         t0 = time.time()
         layer = load_layer(ckpt, i).to(dev)
-        records, report, h = quantize_layer(layer, h, cos, sin, opts)
+        records, report, h = quantize_layer(layer, h, cos, sin, opts, (i, cfg.num_hidden_layers))
         report.update(layer=i, seconds=round(time.time() - t0, 3))
-        tensors = {f"model.layers.{i}.{m}.{s}": t.cpu() for m, r in records.items() for s, t in r.to_gptq().items()}
+        tensors = {f"model.layers.{i}.{m}.{s}": t.cpu() for m, r in records.items() for s, t in r.tensors().items()}
         for norm in cfg.norm_shapes():
             name = f"model.layers.{i}.{norm}.weight"
             tensors[name] = ckpt.tensor(name, None)
@@ -221,8 +225,10 @@ def auto_compute(device: str) -> str:
     return "bf16" if any(p is not None and p() for p in probes) else "fp32"
 
 
-def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOptions):
+def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOptions,
+                   position: tuple[int, int] = (0, 1)):
     """Quantise one decoder layer in place, true-sequentially. Returns (records, report, output hidden states).
+    `position`: (layer index, number of layers), which llama.cpp's mixes (opts.format) choose each Linear's type by.
 
     The residual stream h stays float32; with opts.compute "bf16" the layer's modules and the Hessian products run
     in bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX), while each solver sees the float32 weights.
@@ -245,12 +251,15 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     def solve(names: tuple[str, ...], hessian: GPTQ) -> None:
         for name in names:
             w = originals.pop(name)
+            block = TYPES[mix_type(opts.format, name, *position, w.shape[1])] if opts.format else None
             if opts.method == "gptq":
-                r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, **opts.column_order)
+                r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **opts.column_order)
             else:
-                r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H))
+                r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H), block=block)
             modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized), 8), "damp": r.damp_used}
-            records[name] = QuantizedLinear.from_result(r, opts.spec)
+            if block is not None:
+                modules[name]["type"] = block.name
+            records[name] = GGMLLinear.from_result(r) if block else QuantizedLinear.from_result(r, opts.spec)
             layer.get_submodule(name).weight.data = r.dequantized.to(dt)
 
     def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list[torch.Tensor]]:
@@ -380,8 +389,17 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
         index = {"metadata": {"total_size": total}, "weight_map": {n: names[f] for n, f in weight_map.items()}}
         (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     order = opts.column_order
-    qcfg = quantization_config(opts.spec, opts.damp, opts.method, order["act_order"], order["static_groups"],
-                               group_aware=order["group_aware"])
+    if opts.format:
+        from ..model.checkpoint import LINEARS
+
+        n, widths = cfg.num_hidden_layers, {"self_attn.o_proj": cfg.num_attention_heads * cfg.head_dim,
+                                            "mlp.down_proj": cfg.intermediate_size}
+        types = {f"model.layers.{i}.{m}": mix_type(opts.format, m, i, n, widths.get(m, cfg.hidden_size))
+                 for i in range(n) for m in LINEARS}
+        qcfg = ggml_quantization_config(opts.format, types, opts.damp, opts.method, order["act_order"])
+    else:
+        qcfg = quantization_config(opts.spec, opts.damp, opts.method, order["act_order"], order["static_groups"],
+                                   group_aware=order["group_aware"])
     config = dict(cfg.raw)
     config["quantization_config"] = qcfg
     config["torch_dtype"] = "float16"
@@ -391,7 +409,7 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
         if (ckpt.dir / name).is_file():
             shutil.copy(ckpt.dir / name, final / name)
     layers = state["report"]
-    report = {"model": str(ckpt.dir), "method": opts.method, "bits": opts.spec.bits,
+    report = {"model": str(ckpt.dir), "method": opts.method, "format": opts.format or "gptq", "bits": opts.spec.bits,
               "group_size": opts.spec.group_size, "sym": opts.spec.sym, "damp": opts.damp,
               "order": opts.order if opts.method == "gptq" else None, "search": opts.search, "compute": opts.compute,
               "calibration": {"source": opts.calib or "bundled", "nsamples": opts.nsamples, "seqlen": opts.seqlen},

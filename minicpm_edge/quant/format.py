@@ -1,8 +1,13 @@
-"""The GPTQ checkpoint: the hand-off between the quantiser and every exporter.
+"""The quantised checkpoint: the hand-off between the quantiser and every exporter.
 
-`QuantizedLinear` is the in-memory record (codes, scales, true zero points, g_idx, grid); `to_gptq` / `from_gptq` map
-it to and from the AutoGPTQ / GPTQModel / transformers tensors (FORMATS.md section 1), so checkpoints made by other
-tools load into the same representation.
+`QuantizedLinear` is the in-memory record of a GPTQ v1 checkpoint (codes, scales, true zero points, g_idx, grid);
+`to_gptq` / `from_gptq` map it to and from the AutoGPTQ / GPTQModel / transformers tensors (FORMATS.md section 1), so
+checkpoints made by other tools load into the same representation.
+
+`GGMLLinear` is the record of a `--format q4_k_m / q3_k_m` checkpoint (quant_method "ggml"): llama.cpp's two-level
+scales have no GPTQ v1 form, so each Linear is stored as the GGML blocks llama.cpp reads (`<prefix>.ggml`, uint8
+[N, row bytes], kquant.pack), its type named in quantization_config.tensor_types. The GGUF export copies the bytes;
+targets that cannot hold them refuse (`require_gptq`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from .grid import QuantSpec, make_g_idx, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from .kquant import MIXES, TYPES, dequantize_blocks, pack
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 QUANTIZER = "minicpm-edge"
@@ -62,6 +68,10 @@ class QuantizedLinear:
     def from_result(cls, r, spec: QuantSpec) -> "QuantizedLinear":
         return cls(r.codes, r.scales.half(), r.zeros, r.g_idx, spec.bits, spec.group_size, spec.sym)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of this Linear, by suffix."""
+        return self.to_gptq()
+
     def to_gptq(self) -> dict[str, torch.Tensor]:
         return {"qweight": pack_qweight(self.codes, self.bits), "qzeros": pack_qzeros(self.zeros, self.bits),
                 "scales": self.scales.half().contiguous(), "g_idx": self.g_idx.to(torch.int32).contiguous()}
@@ -92,9 +102,53 @@ class QuantizedLinear:
         return cls(unpack_qweight(qweight, bits, k), scales.half(), zeros, g_idx.to(torch.int32), bits, group_size, sym)
 
 
+@dataclass
+class GGMLLinear:
+    """One Linear as llama.cpp blocks of type `type` (kquant.TYPES): uint8 [N, K / block * bytes per block]."""
+
+    type: str
+    blocks: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        t = TYPES[self.type]
+        return self.blocks.shape[0], self.blocks.shape[1] // t.nbytes * t.block
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_blocks(self.blocks, self.type, self.shape[1])
+
+    @classmethod
+    def from_result(cls, r) -> "GGMLLinear":
+        return cls(r.grid.type.name, torch.from_numpy(pack(r.grid, r.codes)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {GGML_SUFFIX: self.blocks.contiguous()}
+
+    @classmethod
+    def read(cls, t: torch.Tensor, qtype: str, k: int, name: str = "") -> "GGMLLinear":
+        bt = TYPES[qtype]
+        if t.dtype != torch.uint8 or t.dim() != 2 or k % bt.block or t.shape[1] != k // bt.block * bt.nbytes:
+            raise UserError(f"{name}.{GGML_SUFFIX}: expected uint8 [N, {k // bt.block * bt.nbytes}] ({qtype} blocks of "
+                            f"{k} inputs), got {str(t.dtype).replace('torch.', '')} {list(t.shape)}")
+        return cls(qtype, t)
+
+
+GGML_SUFFIX = "ggml"
+
+
+def require_gptq(quant: dict | None, where, target: str) -> None:
+    """Refuse, with the reason, a GGML-block checkpoint for a target that stores GPTQ v1 groups only."""
+    if quant and quant["kind"] == "ggml":
+        raise UserError(f"{where}: a {quant['format']} checkpoint holds llama.cpp's two-level block scales, which "
+                        f"{target} cannot store exactly; export it with --target ios (GGUF), or quantise with --format "
+                        "q4_0 (or the default GPTQ w4 g32) for this target")
+
+
 def parse_quant_config(cfg: dict, source: str) -> dict:
-    """Normalise a GPTQ quantization_config / quantize_config.json."""
+    """Normalise a GPTQ quantization_config / quantize_config.json (or the "ggml" one of a --format q4_k_m record)."""
     method = cfg.get("quant_method", "gptq")
+    if method == "ggml":
+        return _parse_ggml_config(cfg, source)
     if method != "gptq":
         raise UserError(f"{source}: quant_method {method!r} is not supported; only GPTQ checkpoints are")
     fmt = cfg.get("checkpoint_format", "gptq")
@@ -110,7 +164,25 @@ def parse_quant_config(cfg: dict, source: str) -> dict:
     if not isinstance(sym, bool):
         raise UserError(f"{source}: quantization config sym must be true or false, got {sym!r}")
     spec = QuantSpec(int(values["bits"]), int(values["group_size"]), sym)
-    return {"spec": spec, "v2": fmt == "gptq_v2", "desc_act": bool(cfg.get("desc_act", False)), "raw": cfg}
+    return {"kind": "gptq", "spec": spec, "v2": fmt == "gptq_v2", "desc_act": bool(cfg.get("desc_act", False)),
+            "raw": cfg}
+
+
+def _parse_ggml_config(cfg: dict, source: str) -> dict:
+    fmt, types = cfg.get("format"), cfg.get("tensor_types")
+    if fmt not in MIXES:
+        raise UserError(f"{source}: ggml format {fmt!r} is not supported ({', '.join(MIXES)})")
+    if not isinstance(types, dict) or not all(isinstance(v, str) and v in TYPES for v in types.values()):
+        raise UserError(f"{source}: tensor_types must map each Linear to one of {', '.join(TYPES)}")
+    return {"kind": "ggml", "format": fmt, "types": types, "spec": None, "v2": False,
+            "desc_act": bool(cfg.get("desc_act", False)), "raw": cfg}
+
+
+def ggml_quantization_config(fmt: str, types: dict[str, str], damp: float, method: str, act_order: bool) -> dict:
+    from .. import __version__
+    return {"quant_method": "ggml", "format": fmt, "tensor_types": types, "desc_act": act_order, "damp_percent": damp,
+            "static_groups": True, "true_sequential": True,
+            "meta": {"quantizer": [f"{QUANTIZER}:{__version__}"], "method": method}}
 
 
 def quantization_config(spec: QuantSpec, damp: float, method: str, act_order: bool, static_groups: bool,

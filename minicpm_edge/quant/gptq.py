@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, quantize_codes
+from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
 HESSIAN_BLOCK = 384  # block width of the symmetric X^T X: narrower saves flops, wider runs the GEMMs faster
@@ -25,14 +26,15 @@ HESSIAN_BLOCK = 384  # block width of the symmetric X^T X: narrower saves flops,
 class QuantResult:
     """One quantised matrix, every tensor in the original column order and on the weight's device."""
 
-    codes: torch.Tensor  # uint8 [N, K]
-    scales: torch.Tensor  # float32 [groups, N] (fp16-representable)
-    zeros: torch.Tensor  # int32 [groups, N] true zero points
-    g_idx: torch.Tensor  # int32 [K]
-    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T), exactly
+    codes: torch.Tensor  # uint8 [N, K]; on a GGML block grid, int16 signed codes
+    scales: torch.Tensor | None  # float32 [groups, N] (fp16-representable); None on a block grid
+    zeros: torch.Tensor | None  # int32 [groups, N] true zero points; None on a block grid
+    g_idx: torch.Tensor | None  # int32 [K]; None on a block grid
+    dequantized: torch.Tensor  # float32 [N, K] = scales[g_idx].T * (codes - zeros[g_idx].T) or grid.values(codes)
     damp_used: float = 0.0  # damping actually applied, as a fraction of mean(diag H)
     loss: float = 0.0  # sum over columns of err^2 / d^2 / 2 (the GPTQ objective proxy)
     perm: torch.Tensor | None = None  # act-order: the order columns were quantised in (original indices)
+    grid: BlockGrid | None = None  # the GGML block grid (kquant.py) the codes lie on, when quantised onto one
 
 
 class GPTQ:
@@ -76,18 +78,19 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
                  act_order: bool = False, static_groups: bool = False, search: str = "weighted",
-                 group_aware: bool = False) -> QuantResult:
+                 group_aware: bool = False, block: BlockType | None = None) -> QuantResult:
         """Quantise weight [N, K] column by column, compensating each rounding error on the columns still to come.
 
         Column order: natural; `act_order` (decreasing Hessian diagonal over all columns, groups then need
         `static_groups`); or `group_aware` (GAR: whole groups in decreasing order of their largest diagonal entry,
         columns within each group likewise, so every group is still one contiguous run of K and its parameters
         come from its updated columns, as in natural order). `search`: find_params' grid search, weighted by the
-        Hessian diagonal of each column.
+        Hessian diagonal of each column. `block`: a GGML block type (kquant.TYPES) whose two-level grid is fitted to
+        the original weights first (weighted by the Hessian diagonal) and fixed; `spec` is then unused.
         """
         if self.n == 0:
             raise UserError("no calibration tokens reached this layer")
-        if act_order and not static_groups and spec.group_size != -1:
+        if act_order and not static_groups and spec.group_size != -1 and block is None:
             raise UserError("act-order needs static groups (--static-groups) so groups stay contiguous along K")
         if damp < 0 or blocksize < 1:
             raise UserError(f"damping must be >= 0 and block size >= 1 (got {damp}, {blocksize})")
@@ -95,16 +98,21 @@ class GPTQ:
         n_out, k = W.shape
         if k != self.k:
             raise UserError(f"weight has {k} input features, the calibration activations {self.k}")
-        spec.check_k(k)
+        if block is None:
+            spec.check_k(k)
         glen, n_groups = spec.group_len(k), spec.groups(k)
         dev = W.device
         H, dead, perm, Hinv, damp_used = self._factor(dev, damp, act_order, group_aware and spec.group_size != -1, glen)
         W[:, dead] = 0  # inputs that are always zero: any weight there is free, quantise it as 0
-        if static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
+        grid = None
+        if block is not None:  # static by construction: fixed before any error update, original column order
+            grid = fit_grid(W, block, torch.diag(H))
+            scales = zeros = torch.zeros(0, n_out, device=dev)
+        elif static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
             scales, zeros = group_params(W, spec, search, torch.diag(H))
         else:
             scales, zeros = torch.zeros(n_groups, n_out, device=dev), torch.zeros(n_groups, n_out, device=dev)
-        static = static_groups or spec.group_size == -1
+        static = static_groups or spec.group_size == -1 or grid is not None
         diag = torch.diag(H) if perm is None else torch.diag(H)[perm]  # processing order: each column's grid weight
         # Work on W transposed (column i of W = row i, contiguous) in processing order, in place
         Wt = (W.t() if perm is None else W.t()[perm]).contiguous()
@@ -118,19 +126,26 @@ class GPTQ:
             Err1 = torch.empty_like(W1)
             with _one_thread(dev):  # one row per step: threads would only add synchronisation
                 for j in range(i2 - i1):
-                    g = order[i1 + j] // glen
-                    if not static and (i1 + j) % glen == 0:  # entering a group (contiguous): its columns as updated
-                        inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
-                        cols = W1[j:j + glen] if inside == glen else torch.cat([W1[j:], Wt[i2:i2 + glen - inside]])
-                        scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[i1 + j:i1 + j + glen])
-                    s, z, w = scales[g], zeros[g], W1[j]
-                    q = quantize_codes(w, s, z, spec.maxq)
-                    torch.sub(w, dequantize(q, s, z), out=Err1[j]).div_(U1[j, j])
+                    c, w = order[i1 + j], W1[j]
+                    if grid is not None:  # a GGML block grid: codes and values per column
+                        codes[i1 + j] = q = grid.codes(w, c)
+                        Q[i1 + j] = grid.values(q, c)
+                        torch.sub(w, Q[i1 + j], out=Err1[j]).div_(U1[j, j])
+                    else:
+                        g = c // glen
+                        if not static and (i1 + j) % glen == 0:  # entering a group (contiguous): its columns as updated
+                            inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
+                            cols = W1[j:j + glen] if inside == glen else torch.cat([W1[j:], Wt[i2:i2 + glen - inside]])
+                            scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[i1 + j:i1 + j + glen])
+                        s, z = scales[g], zeros[g]
+                        q = quantize_codes(w, s, z, spec.maxq)
+                        torch.sub(w, dequantize(q, s, z), out=Err1[j]).div_(U1[j, j])
                     W1[j + 1:].addr_(U1[j, j + 1:], Err1[j], alpha=-1)  # spread its error onto the block's later columns
-            # each row of W1 is as it was when it was quantised (the updates only touch later rows): codes in one go
-            s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
-            codes[i1:i2] = quantize_codes(W1, s, z, spec.maxq)
-            Q[i1:i2] = dequantize(codes[i1:i2], s, z)
+            if grid is None:
+                # each row of W1 is as it was when it was quantised (the updates only touch later rows): codes in one go
+                s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
+                codes[i1:i2] = quantize_codes(W1, s, z, spec.maxq)
+                Q[i1:i2] = dequantize(codes[i1:i2], s, z)
             losses += Err1.square().sum(0) / 2
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of the columns after this block
 
@@ -138,6 +153,9 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             Q, codes = Q[:, inv], codes[:, inv]
+        if grid is not None:
+            return QuantResult(codes.to(torch.int16).contiguous(), None, None, None, Q.contiguous(), damp_used,
+                               float(losses.sum()), perm, grid)
         return QuantResult(codes.to(torch.uint8).contiguous(), scales, zeros.to(torch.int32), make_g_idx(k, spec, dev),
                            Q.contiguous(), damp_used, float(losses.sum()), perm)
 
@@ -246,10 +264,15 @@ def _one_thread(device: torch.device):
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec, search: str = "weighted",
-        importance: torch.Tensor | None = None) -> QuantResult:
+        importance: torch.Tensor | None = None, block: BlockType | None = None) -> QuantResult:
     """Round to nearest on the same grid: the baseline every GPTQ figure is compared with. `importance` [K] (the
-    Hessian diagonal, as llama.cpp's imatrix) weights the grid search; None weighs every column alike."""
+    Hessian diagonal, as llama.cpp's imatrix) weights the grid search; None weighs every column alike. `block`: the
+    GGML block type's grid instead of `spec`'s, fitted as GPTQ.quantize fits it."""
     W = weight.detach().to(torch.float32)
+    if block is not None:
+        grid = fit_grid(W, block, importance)
+        q = grid.codes(W)
+        return QuantResult(q.to(torch.int16), None, None, None, grid.values(q), grid=grid)
     k = W.shape[1]
     spec.check_k(k)
     scales, zeros = group_params(W, spec, search, importance)

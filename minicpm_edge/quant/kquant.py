@@ -1,0 +1,394 @@
+"""llama.cpp's block grids: the K-quants (Q4_K, Q5_K, Q6_K, Q3_K) and the blocks of 32 their mixes fall back to.
+
+Every type here dequantises one run of `sub` weights along K (a sub-block) as value = scale * q - offset with a signed
+integer code q in lo..hi, where (ggml-quants.c / gguf-py's quants.py):
+- Q4_K / Q5_K: super-blocks of 256 = 8 sub-blocks of 32; scale = d * sc, offset = dmin * m with fp16 d, dmin per
+  super-block and 6-bit sc, m (0..63) per sub-block; codes 0..15 / 0..31.
+- Q6_K: 16 sub-blocks of 16; scale = d * sc with int8 sc; codes -32..31 (stored q + 32).
+- Q3_K: 16 sub-blocks of 16; scale = d * sc with 6-bit signed sc (-32..31); codes -4..3 (stored q + 4).
+- Q4_0 / Q5_0 / Q8_0: blocks of 32, scale = fp16 d, codes -8..7 / -16..15 / -128..127; Q5_1: value = d * q + m,
+  codes 0..31 (offset = -m).
+The products are those of the dequantiser, in float32 ((d * sc) * q - dmin * m), so `BlockGrid.values` is exactly what
+llama.cpp and gguf-py read back from `pack`'s bytes.
+
+The grid of a matrix is fixed before GPTQ's error updates (static groups), found by a search weighted by each column's
+importance (the Hessian diagonal, as llama.cpp's imatrix): per sub-block the (scale, offset) with the lowest weighted
+error, then the super-block's d (and dmin) over a range of candidates, judged on the whole super-block's weighted
+error after re-rounding the sub-block scales, and refitted by weighted least squares on the chosen codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+CANDIDATES = torch.linspace(0.7, 1.1, 21).tolist()  # sub-block scale candidates: multiples of the max-based scale
+SUPER_CANDIDATES = torch.linspace(0.85, 1.1, 26).tolist()  # d / dmin candidates: multiples of the max-based one
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    block: int  # weights per (super-)block along K
+    sub: int  # weights sharing one scale (and offset)
+    lo: int  # codes lo..hi
+    hi: int
+    sc: tuple[int, int] | None  # range of the integer sub-block scales; None: the block's d is the scale
+    has_min: bool  # an offset per sub-block (dmin * m; Q5_1: -m)
+    nbytes: int  # bytes per block
+
+    @property
+    def nsub(self) -> int:
+        return self.block // self.sub
+
+
+TYPES = {t.name: t for t in (
+    BlockType("Q4_K", 256, 32, 0, 15, (0, 63), True, 144),
+    BlockType("Q5_K", 256, 32, 0, 31, (0, 63), True, 176),
+    BlockType("Q6_K", 256, 16, -32, 31, (-128, 127), False, 210),
+    BlockType("Q3_K", 256, 16, -4, 3, (-32, 31), False, 110),
+    BlockType("Q4_0", 32, 32, -8, 7, None, False, 18),
+    BlockType("Q5_0", 32, 32, -16, 15, None, False, 22),
+    BlockType("Q5_1", 32, 32, 0, 31, None, True, 24),
+    BlockType("Q8_0", 32, 32, -128, 127, None, False, 34),
+)}
+
+
+@dataclass
+class BlockGrid:
+    """The fixed grid of one matrix [N, K]: d (and dmin) [N, K/block] fp16 values as float32, sc (and m) [N, K/sub]."""
+
+    type: BlockType
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+    sc: torch.Tensor | None
+    m: torch.Tensor | None
+
+    def __post_init__(self):
+        t = self.type
+        rep = t.nsub
+        d = self.d.repeat_interleave(rep, 1)
+        self.scale = d if self.sc is None else d * self.sc.float()  # [N, K/sub], exact in float32
+        if not t.has_min:
+            self.offset = torch.zeros_like(self.scale)
+        else:
+            dmin = self.dmin.repeat_interleave(rep, 1)
+            self.offset = dmin if self.m is None else dmin * self.m.float()
+
+    def codes(self, w: torch.Tensor, cols: slice | int = slice(None)) -> torch.Tensor:
+        """Nearest codes (float) of w [N, k] (or a column [N] when `cols` is an index) on the grid of those columns."""
+        s, o = self._at(cols)
+        q = torch.round((w + o) / s)
+        q = torch.where(s == 0, torch.zeros_like(q), q)
+        return q.clamp_(self.type.lo, self.type.hi)
+
+    def values(self, q: torch.Tensor, cols: slice | int = slice(None)) -> torch.Tensor:
+        s, o = self._at(cols)
+        return s * q - o
+
+    def _at(self, cols):
+        sub = self.type.sub
+        if isinstance(cols, int):
+            return self.scale[:, cols // sub], self.offset[:, cols // sub]
+        s, o = self.scale, self.offset
+        if cols != slice(None):
+            s, o = s[:, cols.start // sub:cols.stop // sub], o[:, cols.start // sub:cols.stop // sub]
+        return s.repeat_interleave(sub, 1), o.repeat_interleave(sub, 1)
+
+
+def block_type(name: str) -> BlockType:
+    if name not in TYPES:
+        raise UserError(f"GGML type {name!r}: choose {', '.join(TYPES)}")
+    return TYPES[name]
+
+
+def check_k(t: BlockType, k: int, name: str = "weight") -> None:
+    if k % t.block:
+        raise UserError(f"{name}: input dimension {k} is not a multiple of {t.name}'s blocks of {t.block}")
+
+
+def fit_grid(w: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None) -> BlockGrid:
+    """The weighted-search grid of w [N, K] for type t; importance [K] (Hessian diagonal) or None (uniform)."""
+    n, k = w.shape
+    check_k(t, k)
+    w = w.float()
+    imp = torch.ones(k) if importance is None else importance.float().cpu()
+    imp = imp.to(w.device).clamp(min=0)
+    if float(imp.sum()) <= 0:
+        imp = torch.ones_like(imp)
+    r = n * (k // t.block)
+    x = w.reshape(r, t.nsub, t.sub)
+    iw = imp.reshape(1, k // t.block, t.nsub, t.sub).expand(n, -1, -1, -1).reshape(r, t.nsub, t.sub)
+    s, o = _fit_sub(x.reshape(-1, t.sub), iw.reshape(-1, t.sub), t)
+    s, o = s.view(r, t.nsub), o.view(r, t.nsub)
+    d, dmin, sc, m = _fit_super(x, iw, s, o, t)
+    view = lambda a: None if a is None else a.reshape(n, -1)  # noqa: E731
+    return BlockGrid(t, view(d), view(dmin), view(sc), view(m))
+
+
+def _codes(x, scale, offset, t):
+    """Codes and values of x [R, S, L] on per-sub-block scale / offset [R, S]."""
+    s, o = scale[..., None], offset[..., None]
+    q = torch.where(s == 0, torch.zeros_like(x), torch.round((x + o) / s)).clamp_(t.lo, t.hi)
+    return q, s * q - o
+
+
+def _err(x, iw, scale, offset, t):
+    _, v = _codes(x, scale, offset, t)
+    return ((v - x) ** 2 * iw).sum(dim=(-1, -2))
+
+
+def _fit_sub(x, iw, t):
+    """Float (scale, offset) per row of x [R, L]: the lowest weighted error over CANDIDATES, each refitted by weighted
+    least squares on its codes."""
+    x3, iw3 = x[:, None], iw[:, None]
+    if t.has_min:
+        lo = x.min(dim=1).values.clamp(max=0)
+        hi = x.max(dim=1).values
+        base_s, base_o = (hi - lo) / (t.hi - t.lo), -lo
+    else:
+        ext = torch.where(-x.min(dim=1).values >= x.max(dim=1).values, x.min(dim=1).values, x.max(dim=1).values)
+        base_s, base_o = ext / t.lo, torch.zeros_like(ext)  # the signed extreme gets code lo (all levels used)
+    best = _err(x3, iw3, base_s[:, None], base_o[:, None], t)
+    s_best, o_best = base_s.clone(), base_o.clone()
+    for p in CANDIDATES:
+        tries = [(base_s * p, base_o * p)]  # the range shrunk (clipped) or widened around 0
+        if t.has_min:
+            tries.append((base_s * p, base_o))  # or at its top only
+        for s, o in [c for s, o in tries for c in ((s, o), _lsq(x, iw, s, o, t))]:
+            err = _err(x3, iw3, s[:, None], o[:, None], t)
+            better = err < best
+            best = torch.where(better, err, best)
+            s_best, o_best = torch.where(better, s, s_best), torch.where(better, o, o_best)
+    return s_best, o_best
+
+
+def _lsq(x, iw, s, o, t):
+    """Weighted least-squares (scale, offset) of x [R, L] given the codes of (s, o) (offset >= 0 kept for K types)."""
+    q, _ = _codes(x[:, None], s[:, None], o[:, None], t)
+    q = q[:, 0]
+    sw, sq, sx = iw.sum(1), (iw * q).sum(1), (iw * x).sum(1)
+    sqq, sqx = (iw * q * q).sum(1), (iw * q * x).sum(1)
+    if not t.has_min:
+        return torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s), o
+    det = sw * sqq - sq * sq
+    ok = det.abs() > 1e-12 * (sw * sqq).clamp(min=1e-30)
+    ns = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), s)
+    no = torch.where(ok, (ns * sq - sx) / sw.clamp(min=1e-30), o)  # value = s q - o
+    if t.sc is not None:
+        no = no.clamp(min=0)
+    return ns, no
+
+
+def _fp16(v):
+    return v.clamp(-FP16_MAX, FP16_MAX).half().float()
+
+
+def _level(v, rng, p):
+    """Quantise per-sub-block values v [R, S] to d [R] (fp16) x integer levels in rng."""
+    lo, hi = rng
+    if lo < 0:  # signed: the extreme gets level lo
+        mn, mx = v.min(dim=1).values, v.max(dim=1).values
+        d = torch.where(-mn >= mx, mn, mx) / lo
+    else:
+        d = v.max(dim=1).values.clamp(min=0) / hi
+    d = _fp16(d * p)
+    lev = torch.where(d[:, None] == 0, torch.zeros_like(v), torch.round(v / d[:, None])).clamp_(lo, hi)
+    return d, lev
+
+
+def _fit_super(x, iw, s, o, t):
+    """Super-block parameters from the float sub-block (s, o) [R, S]: d / dmin over SUPER_CANDIDATES, judged on the
+    super-block's weighted error, then a weighted least-squares refit of (d, dmin) on the chosen codes and levels."""
+    ones = torch.ones_like(s)
+    if t.sc is None:  # blocks of 32: d (and -m) are the scale and offset themselves, rounded to fp16
+        def make(p, pm):
+            return _fp16(s[:, 0] * p), ones, (_fp16(o[:, 0] * pm) if t.has_min else None), ones
+    else:
+        def make(p, pm):
+            d, sc = _level(s, t.sc, p)
+            dmin, m = _level(o, (0, 63), pm) if t.has_min else (None, None)
+            return d, sc, dmin, m
+
+    def judge(d, sc, dmin, m):
+        scale = d[:, None] * sc
+        offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
+        return _err(x, iw, scale, offset, t)
+
+    best = judge(*make(1.0, 1.0))
+    params = list(make(1.0, 1.0))
+
+    def consider(cand):
+        nonlocal best
+        err = judge(*cand)
+        better = err < best
+        best = torch.where(better, err, best)
+        for i, c in enumerate(cand):
+            if c is not None:
+                params[i] = torch.where(better[:, None] if c.dim() == 2 else better, c, params[i])
+
+    for p in SUPER_CANDIDATES:
+        d, sc, _, _ = make(p, 1.0)
+        consider((d, sc, params[2], params[3]))
+    if t.has_min:
+        for pm in SUPER_CANDIDATES:
+            _, _, dmin, m = make(1.0, pm)
+            consider((params[0], params[1], dmin, m))
+    for _ in range(2):
+        if t.sc is not None:
+            _nudge_levels(x, iw, params, t)
+            best = judge(*params)
+        _refit(x, iw, params, t, consider)
+    d, sc, dmin, m = params
+    if t.sc is None:
+        return d[:, None], (dmin[:, None] if t.has_min else None), None, None
+    return d[:, None], (dmin[:, None] if t.has_min else None), sc.to(torch.int16), (m.to(torch.int16) if t.has_min else None)
+
+
+def _refit(x, iw, params, t, consider):
+    """Weighted least-squares refit of d (and dmin) with the levels and codes fixed, offered to `consider`."""
+    d, sc, dmin, m = params
+    scale = d[:, None] * sc
+    offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
+    q, _ = _codes(x, scale, offset, t)
+    a = (sc[..., None] * q)  # value = d * a - dmin * m
+    if t.has_min:
+        b = m[..., None].expand_as(a)
+        saa, sab, sbb = (iw * a * a).sum((1, 2)), (iw * a * b).sum((1, 2)), (iw * b * b).sum((1, 2))
+        sax, sbx = (iw * a * x).sum((1, 2)), (iw * b * x).sum((1, 2))
+        det = saa * sbb - sab * sab
+        ok = det.abs() > 1e-12 * (saa * sbb).clamp(min=1e-30)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        nd = torch.where(ok, (sbb * sax - sab * sbx) / safe, d)
+        ndm = torch.where(ok, (sab * sax - saa * sbx) / safe, dmin)
+        consider((_fp16(nd), sc, _fp16(ndm), m))
+    else:
+        saa, sax = (iw * a * a).sum((1, 2)), (iw * a * x).sum((1, 2))
+        consider((_fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), sc, dmin, m))
+
+
+def _nudge_levels(x, iw, params, t):
+    """Each sub-block's integer scale (and min) one step either way, where that lowers its own weighted error."""
+    d, sc, dmin, m = params
+    lo, hi = t.sc
+
+    def sub_err(sc_, m_):
+        scale = d[:, None] * sc_
+        offset = dmin[:, None] * m_ if t.has_min else torch.zeros_like(scale)
+        _, v = _codes(x, scale, offset, t)
+        return ((v - x) ** 2 * iw).sum(-1)  # [R, S]
+
+    best = sub_err(sc, m)
+    steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if t.has_min else (0,)) if (a, b) != (0, 0)]
+    for a, b in steps:
+        sc_ = (sc + a).clamp(lo, hi)
+        m_ = (m + b).clamp(0, 63) if t.has_min else m
+        err = sub_err(sc_, m_)
+        better = err < best
+        best = torch.where(better, err, best)
+        sc = torch.where(better, sc_, sc)
+        if t.has_min:
+            m = torch.where(better, m_, m)
+    params[1], params[3] = sc, m
+
+
+# -- GGML bytes ----------------------------------------------------------------------------------------------------
+def pack(grid: BlockGrid, codes: torch.Tensor) -> np.ndarray:
+    """Codes [N, K] (signed, lo..hi) on `grid` -> the GGML blocks, uint8 [N, K/block * nbytes], as llama.cpp lays
+    them out (ggml-common.h's block_q4_K etc.)."""
+    t = grid.type
+    n, k = codes.shape
+    nb = k // t.block
+    q = (codes.to(torch.int64) - (t.lo if t.lo < 0 else 0)).numpy().astype(np.uint8).reshape(n * nb, t.block)
+    f16 = lambda v: v.reshape(n * nb, 1).numpy().astype(np.float16).view(np.uint8)  # noqa: E731
+    d = f16(grid.d)
+    if t.name in ("Q4_0", "Q5_0", "Q5_1"):
+        qs = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+        parts = [d] + ([f16(-grid.dmin)] if t.has_min else [])
+        if t.name != "Q4_0":
+            parts.append(np.packbits(q >> 4, axis=1, bitorder="little"))
+        out = np.concatenate(parts + [qs], axis=1)
+    elif t.name == "Q8_0":
+        out = np.concatenate([d, (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
+    elif t.name in ("Q4_K", "Q5_K"):
+        sc = grid.sc.reshape(n * nb, 8).numpy().astype(np.uint8)
+        m = grid.m.reshape(n * nb, 8).numpy().astype(np.uint8)
+        scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
+                                 (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)
+        c = q.reshape(n * nb, 4, 2, 32)  # 64 weights per 32 bytes: the first sub-block low, the second high
+        qs = ((c[:, :, 0] & 15) | ((c[:, :, 1] & 15) << 4)).reshape(n * nb, 128)
+        parts = [d, f16(grid.dmin), scales]
+        if t.name == "Q5_K":  # bit j of byte l: the high bit of weight l of sub-block j
+            hb = (q >> 4).reshape(n * nb, 8, 32)
+            parts.append((hb << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8))
+        out = np.concatenate(parts + [qs], axis=1)
+    elif t.name == "Q6_K":
+        c = q.reshape(n * nb, 2, 4, 32)  # per half of 128: quarters 0..3
+        ql = np.concatenate([(c[:, :, 0] & 15) | ((c[:, :, 2] & 15) << 4),
+                             (c[:, :, 1] & 15) | ((c[:, :, 3] & 15) << 4)], axis=2).reshape(n * nb, 128)
+        qh = ((c >> 4) << (np.arange(4, dtype=np.uint8) * 2)[None, None, :, None]).sum(axis=2, dtype=np.uint8)
+        sc = grid.sc.reshape(n * nb, 16).numpy().astype(np.int8).view(np.uint8)
+        out = np.concatenate([ql, qh.reshape(n * nb, 64), sc, d], axis=1)
+    elif t.name == "Q3_K":
+        hmask = ((q >> 2).reshape(n * nb, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
+            axis=1, dtype=np.uint8)
+        c = (q & 3).reshape(n * nb, 2, 4, 32)
+        qs = (c << (np.arange(4, dtype=np.uint8) * 2)[None, None, :, None]).sum(axis=2, dtype=np.uint8)
+        u = (grid.sc.reshape(n * nb, 16).numpy() + 32).astype(np.uint8)  # 6 bits: 4 low in 0..7, 2 high in 8..11
+        low = (u[:, :8] & 15) | ((u[:, 8:] & 15) << 4)
+        high = ((u >> 4).reshape(n * nb, 4, 4) << (np.arange(4, dtype=np.uint8) * 2)[None, :, None]).sum(
+            axis=1, dtype=np.uint8)
+        out = np.concatenate([hmask, qs.reshape(n * nb, 64), low, high, d], axis=1)
+    else:
+        raise AssertionError(t.name)
+    assert out.shape[1] == t.nbytes, (t.name, out.shape)
+    return np.ascontiguousarray(out.reshape(n, nb * t.nbytes))
+
+
+def dequantize_blocks(blocks: np.ndarray | torch.Tensor, name: str, k: int) -> torch.Tensor:
+    """GGML blocks uint8 [N, row bytes] -> float32 [N, K], by gguf-py's dequantiser (the reader we did not write)."""
+    import gguf
+
+    b = blocks.numpy() if isinstance(blocks, torch.Tensor) else blocks
+    return torch.from_numpy(gguf.quants.dequantize(np.ascontiguousarray(b), gguf.GGMLQuantizationType[name])
+                            .reshape(b.shape[0], k).astype(np.float32))
+
+
+def row_bytes(name: str, k: int) -> int:
+    t = block_type(name)
+    return k // t.block * t.nbytes
+
+
+# -- llama.cpp's mixes (src/llama-quant.cpp, llama_tensor_get_type) --------------------------------------------------
+FORMATS = ("q4_0", "q4_1", "q4_k_m", "q3_k_m")  # quantize --format: the first two are GPTQ v1 presets (exact in GGUF)
+MIXES = ("q4_k_m", "q3_k_m")  # these write GGML blocks per Linear
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0"}  # K not a multiple of 256
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits in the _M mixes: the first and last eighth, every third."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(fmt: str, module: str, layer: int, n_layers: int, k: int) -> str:
+    """The GGML type llama.cpp's `fmt` mix gives the Linear `module` (e.g. "self_attn.v_proj") of decoder layer `layer`
+    with k input features (dense models other than Falcon; the counters of attn_v / ffn_down are the layer index)."""
+    if fmt == "q4_k_m":
+        more = module in ("self_attn.v_proj", "mlp.down_proj") and use_more_bits(layer, n_layers)
+        t = "Q6_K" if more else "Q4_K"
+    elif fmt == "q3_k_m":
+        t = {"self_attn.v_proj": "Q5_K" if layer < 2 else "Q4_K",
+             "mlp.down_proj": "Q5_K" if layer < n_layers // 16 else "Q4_K",
+             "self_attn.o_proj": "Q4_K"}.get(module, "Q3_K")
+    else:
+        raise UserError(f"--format {fmt!r}: choose {', '.join(FORMATS)}")
+    if k % 256:
+        t = FALLBACK[t]
+    if k % 32:
+        raise UserError(f"{module}: input dimension {k} is not a multiple of 32, which every GGML block type needs")
+    return t

@@ -9,13 +9,12 @@ which act-order requires so that groups stay contiguous along the input dimensio
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
-from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, quantize_codes
+from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, one_thread, quantize_codes
 from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
@@ -124,7 +123,7 @@ class GPTQ:
             i2 = min(i1 + blocksize, k)
             W1, U1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1: a view, updated in place
             Err1 = torch.empty_like(W1)
-            with _one_thread(dev):  # one row per step: threads would only add synchronisation
+            with one_thread(dev):  # one row per step: threads would only add synchronisation
                 for j in range(i2 - i1):
                     c, w = order[i1 + j], W1[j]
                     if grid is not None:  # a GGML block grid: codes and values per column
@@ -249,18 +248,6 @@ def _triangular_inverse(R: torch.Tensor, base: int = 512) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def _one_thread(device: torch.device):
-    """torch on one CPU thread inside: for loops of small operations, where more threads only add synchronisation."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec, search: str = "weighted",

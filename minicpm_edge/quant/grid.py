@@ -11,6 +11,7 @@ along N, lowest bits first; format v1 stores zero - 1. 3-bit values form one lit
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,9 +106,26 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     if importance is not None:
         importance = importance.float().reshape(groups, 1, glen).expand(groups, n, glen).reshape(groups * n, glen)
     step = max(1, CHUNK // glen)
-    parts = [find_params(rows[a:a + step], spec, search, None if importance is None else importance[a:a + step])
-             for a in range(0, len(rows), step)]
+    with one_thread(w.device):  # chunks of 1 MiB: elementwise work that threads do not speed up
+        parts = [find_params(rows[a:a + step], spec, search, None if importance is None else importance[a:a + step])
+                 for a in range(0, len(rows), step)]
     return torch.cat([p[0] for p in parts]).view(groups, n), torch.cat([p[1] for p in parts]).view(groups, n)
+
+
+@contextmanager
+def one_thread(device: torch.device):
+    """torch on one CPU thread inside: for loops of small operations, where more threads only add synchronisation
+    (and, on a busy machine, wait for a descheduled worker at every operation: the weighted search on 2 threads
+    under load measured 8x slower than on 1)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _weighted_search(w, spec, lo, hi, scale, zero, importance):

@@ -1,7 +1,7 @@
 """Ours against llama.cpp's own quantiser (with and without an imatrix) and AutoRound, judged by llama-perplexity.
 
   python benchmarks/quality_vs_peers.py --model bundled|smollm2|DIR [--work out/peers] [--chunks 40]
-      [--llama Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M] [--ours gptq:q4_0,rtn:q4_0,gptq:q4_1,rtn:q4_1]
+      [--llama Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M] [--ours gptq:q4_0,rtn:q4_0,...,gptq:q3_k_m,rtn:q3_k_m]
       [--embedding f16|default] [--autoround 0,200]
 
 Every file is scored by llama.cpp's own `llama-perplexity --kl-divergence` against the F16 GGUF of the same model
@@ -11,11 +11,11 @@ llama.cpp's imatrix is made by `llama-imatrix` from the same calibration text an
 (--nsamples windows of --seqlen tokens of the bundled calibration set, in the same shuffled order). The tools are
 llama.cpp of the installed llama-cpp-python, built once (benchmarks/llama_tools.py).
 --embedding f16 (default) makes llama.cpp keep the (tied) token embedding in F16 like ours, so only the Linears
-differ; `default` leaves llama.cpp its own choice (Q6_K for a tied table) and exports ours with q6_k where the
-exporter has it, else q8_0.
+differ; `default` leaves llama.cpp its own choice (Q6_K for a tied table) and exports ours with --embedding q6_k.
 AutoRound (`--autoround ITERS,...`; needs .venv-autoround with auto-round 0.16, see below) quantises the llama-format
 fold of the model (muP factors folded into the weights: the same function) to gguf:q4_0 and gguf:q4_k_m.
-    python3 -m venv .venv-autoround && .venv-autoround/bin/pip install torch==2.13.0 auto-round==0.16.1
+    python3 -m venv .venv-autoround && .venv-autoround/bin/pip install torch==2.13.0 auto-round==0.16.1 gguf \
+        sentencepiece protobuf
 Table on stdout, JSON in --work/quality_vs_peers.json.
 """
 
@@ -156,7 +156,7 @@ def parse(log: Path) -> dict:
 
 def ours(model: Path, work: Path, method: str, fmt: str, a) -> tuple[Path, float]:
     """Our checkpoint for a GGUF type (quantised once, reused when --work has it), exported to GGUF."""
-    specs = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False)}
+    specs = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False), "q4_k_m": None, "q3_k_m": None}
     if fmt not in specs:
         raise SystemExit(f"--ours {method}:{fmt}: ours is one of {', '.join(specs)}")
     q = work / f"ours-{method}-{fmt}"
@@ -164,12 +164,13 @@ def ours(model: Path, work: Path, method: str, fmt: str, a) -> tuple[Path, float
     rep = q / "quant_report.json"
     if FRESH or not rep.is_file():
         t = time.time()
-        opts = QuantOptions(spec=specs[fmt], method=method, nsamples=a.nsamples, seqlen=a.seqlen)
+        opts = QuantOptions(spec=specs[fmt] or QuantSpec(), method=method, nsamples=a.nsamples, seqlen=a.seqlen,
+                            format=None if specs[fmt] else fmt)
         quantize_checkpoint(model, q, opts, force=True)
         seconds = time.time() - t
         (q / "seconds.json").write_text(json.dumps({"seconds": seconds}))
     seconds = json.loads((q / "seconds.json").read_text())["seconds"] if (q / "seconds.json").is_file() else seconds
-    emb = "f16" if a.embedding == "f16" else "q8_0"
+    emb = "f16" if a.embedding == "f16" else "q6_k"
     folder = work / f"gguf-{q.name}"
     if fresh(folder, rep):
         export_ios(q, folder, force=True, embedding=emb)
@@ -240,7 +241,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="default: out/peers-<model>")
     ap.add_argument("--chunks", type=int, default=40, help="llama-perplexity windows of 512 tokens")
     ap.add_argument("--llama", default="Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M", help="llama-quantize types")
-    ap.add_argument("--ours", default="gptq:q4_0,rtn:q4_0,gptq:q4_1,rtn:q4_1", help="METHOD:TYPE,...")
+    ap.add_argument("--ours", default="gptq:q4_0,rtn:q4_0,gptq:q4_1,rtn:q4_1,gptq:q4_k_m,rtn:q4_k_m,gptq:q3_k_m,"
+                    "rtn:q3_k_m", help="METHOD:TYPE,... (TYPE: q4_0, q4_1, q4_k_m, q3_k_m)")
     ap.add_argument("--embedding", choices=("f16", "default"), default="f16")
     ap.add_argument("--autoround", default="", help="AutoRound iters to run, e.g. 0,200 (empty: skip)")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -309,11 +311,14 @@ def main() -> None:
                   "-" if r["seconds"] is None or math.isnan(r["seconds"]) else f"{r['seconds']:.1f}")
     console.print(t)
     ratios = {}
-    for ty in ("q4_0", "q4_1"):
+    for ty in ("q4_0", "q4_1", "q4_k_m", "q3_k_m"):
         o, p = rows.get(f"ours-gptq-{ty}"), rows.get(f"llama-{ty.upper()}+imatrix")
         if o and p:
-            ratios[f"gptq-{ty} / llama imatrix {ty.upper()}"] = o["kld"] / p["kld"]
+            ratios[f"KLD gptq-{ty} / llama imatrix {ty.upper()}"] = o["kld"] / p["kld"]
             ratios[f"size gptq-{ty} / llama imatrix {ty.upper()}"] = o["bytes"] / p["bytes"]
+        ar = rows.get(f"autoround-{ty}-iters200")
+        if o and ar:
+            ratios[f"KLD gptq-{ty} / autoround {ty} iters 200"] = o["kld"] / ar["kld"]
     for k, v in ratios.items():
         console.print(f"{k}: {v:.3f}")
     result = {"model": str(model), "chunks": a.chunks, "embedding": a.embedding, "nsamples": a.nsamples,

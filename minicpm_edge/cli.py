@@ -222,7 +222,7 @@ def export(
     embedding: str = typer.Option("f16", help="ios: embedding (and untied head) type f16, f32, q8_0 or q6_k (what "
                                   "llama.cpp's mixes give a tied table)."),
     layout: str = typer.Option("q4f16_0", help="android/harmony: q4f16_0 (default) or q4f16_1."),
-    accuracy_level: int = typer.Option(4, help="onnx: MatMulNBits accuracy_level 0-4."),
+    accuracy_level: int = typer.Option(4, help="onnx: MatMulNBits accuracy_level: 4 int8 compute (faster), 0 fp32."),
     model_id: Optional[str] = typer.Option(None, help="android/harmony: MLC model id (default: <name>-<layout>-MLC)."),
     context_window: Optional[int] = typer.Option(None, help="android/harmony: context window (default: 2048)."),
     prefill_chunk: Optional[int] = typer.Option(None, help="android/harmony: prefill chunk (default: 128)."),

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from conftest import quantized, small_variant
@@ -94,7 +95,7 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return ((packed.reshape(len(packed), -1)[..., None] >> shifts) & (2 ** bits - 1)).reshape(len(packed), -1)[:, :n]
 
 
-def test_files_checker_and_genai_config(exported):
+def test_files_checker_and_genai_config(exported, gptq):
     out = exported("gqa", 4)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     assert verify(out)["unlisted"] == [] and detect(out) == "onnxruntime"
@@ -114,13 +115,47 @@ def test_files_checker_and_genai_config(exported):
         assert dec["outputs"]["present_key_names"] % i in outs and dec["outputs"]["present_value_names"] % i in outs
     past = next(i for i in model.graph.input if i.name == "past_key_values.0.key").type.tensor_type.shape.dim
     assert [d.dim_value or d.dim_param for d in past] == ["batch_size", 2, "past_sequence_length", 32]
-    # tied head: the embedding is stored once and read by both the Gather and the head's Gemm
+    # tied head: the embedding is stored once, in float16 as the checkpoint holds it (bf16), read by the Gather and,
+    # cast to float32 (folded by onnxruntime at load), by the head's Gemm
     embeds = [t for t in model.graph.initializer if t.name == "model.embed_tokens.weight"]
+    cast = next(n for n in model.graph.node if n.op_type == "Cast" and n.input == ["model.embed_tokens.weight"])
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
-    assert len(embeds) == 1 and gemm.input[1] == "model.embed_tokens.weight"
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    assert len(embeds) == 1 and embeds[0].data_type == onnx.TensorProto.FLOAT16
+    assert gather.input[0] == "model.embed_tokens.weight" and gemm.input[1] == cast.output[0]
+    with Checkpoint(gptq("gqa")) as ckpt:
+        table = ckpt.embedding()
+        stored_as = ckpt.dtype("model.embed_tokens.weight")
+    onnx.external_data_helper.load_external_data_for_tensor(embeds[0], str(out))
+    stored = onnx.numpy_helper.to_array(embeds[0]).astype(np.float32)
+    # bf16 -> fp16 is exact in fp16's normal range; below 2^-14 fp16's subnormals round by at most half of 2^-24
+    normal = np.abs(table.numpy()) >= 2.0 ** -14
+    assert stored_as == "BF16" and np.array_equal(stored[normal], table.numpy()[normal])
+    assert np.abs(stored - table.numpy()).max() <= 2.0 ** -25
     info = json.loads((out / "export.json").read_text())
     assert info["quantization"] == {"bits": 4, "group_size": 32, "sym": True, "block_size": 32, "zero_points": False,
                                     "accuracy_level": 4}
+
+
+def test_head_in_float32_slices_matches_one_gemm(exported, gptq, tmp_path, monkeypatch):
+    """A float16 table over onnxruntime's 1 GiB folding limit in float32 (MiniCPM-2B's) is cast by vocabulary slices:
+    forced here on the small model, the logits equal those of the single Gemm and the slices are folded at load."""
+    import minicpm_edge.export.onnx as exporter
+
+    monkeypatch.setattr(exporter, "FOLD_BYTES", 4 * 256 * 1000)  # hidden 256: 5 slices of vocab 4096
+    out = export_onnx(gptq("gqa"), tmp_path / "sliced", accuracy_level=0)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Gemm" for n in model.graph.node) == 5
+    assert [t.data_type for t in model.graph.initializer if t.name == "model.embed_tokens.weight"] == [
+        onnx.TensorProto.FLOAT16]
+    opts = onnxruntime.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    folded = {t.name for t in optimized.graph.initializer}
+    assert all(n.input[1] in folded for n in optimized.graph.node if n.op_type == "Gemm")
+    sliced = OnnxRunner(out, threads=1).logits(IDS)
+    assert np.abs(sliced - OnnxRunner(exported("gqa"), threads=1).logits(IDS)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["gqa", "asym-relu-gqa", "8bit-per-channel", "2bit-asym", "llama-format"])

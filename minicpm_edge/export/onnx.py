@@ -9,6 +9,8 @@ The graph is model/forward.py in ONNX ops (opset 17, float32 activations): Gathe
 (rotate-half, angles from position_ids), causal attention with GQA (or MiniCPM3's latent attention, its cache the
 normed latent and the rotated shared key; no genai_config.json then) and past/present key-values, SiLU/ReLU/FATReLU MLP,
 residual x residual_scale, final norm / logit_scale, head as Gemm(transB) on the embedding (stored once) or lm_head.
+Both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph (for the head
+in slices that onnxruntime folds at session load: the MiniCPM-2B export is 1.97 GiB instead of 2.50).
 Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
 read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
 """
@@ -38,6 +40,7 @@ NBITS = (2, 4, 8)  # what onnxruntime's MatMulNBits CPU kernel runs (4 everywher
 PER_CHANNEL_BLOCK = 128
 DATA = "model.onnx.data"
 NEG = float(np.finfo(np.float32).min)
+FOLD_BYTES = 1 << 29  # float32 head slices of at most 512 MiB: onnxruntime constant-folds outputs up to 1 GiB
 
 
 def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_level: int = 4) -> Path:
@@ -118,6 +121,15 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // bits
     v = values.reshape(*values.shape[:-1], -1, per)
     return np.bitwise_or.reduce(v << (np.arange(per, dtype=np.uint8) * bits), axis=-1).astype(np.uint8)
+
+
+def _table(ckpt: Checkpoint, name: str) -> np.ndarray:
+    """An embedding or head table as stored in the export: float16 when the checkpoint holds it in 16 bits (float16,
+    or bfloat16 whose values float16 keeps exactly in its normal range), else float32 as read."""
+    array = ckpt.tensor(name).numpy()
+    if ckpt.dtype(name).lower() in ("f16", "bf16", "float16", "bfloat16") and np.abs(array).max(initial=0) < 65504:
+        return array.astype(np.float16)
+    return array
 
 
 def _genai_tokenizer(folder: Path, tok_path: Path) -> None:
@@ -246,8 +258,25 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
-    embed = g.weight("model.embed_tokens.weight", ckpt.embedding().numpy())
-    h = scaled(g.op("Gather", embed, "input_ids", axis=0), cfg.embedding_scale)
+    # the table is stored float16 where the checkpoint has 16 bits (half the file): the Gather reads it as stored and
+    # casts the rows it picked; the head casts it to float32 in slices that onnxruntime folds into float32 initialisers
+    # at load (it folds no output over 1 GiB), so the tied head is the same table and as fast as one stored in float32
+    embed = _table(ckpt, "model.embed_tokens.weight")
+    half = embed.dtype == np.float16
+    embed = g.weight("model.embed_tokens.weight", embed)
+    h = g.op("Gather", embed, "input_ids", axis=0)
+    h = scaled(g.op("Cast", h, to=TensorProto.FLOAT) if half else h, cfg.embedding_scale)
+
+    def head(x, table, half):  # x [rows, hidden] @ table[V, hidden]^T; a float16 table by float32 slices <= FOLD_BYTES
+        if not half:
+            return g.op("Gemm", x, table, transB=1)
+        step, v = max(1, FOLD_BYTES // (4 * cfg.hidden_size)), cfg.vocab_size
+        parts = []
+        for start in range(0, v, step):
+            w = table if step >= v else g.op("Slice", table, g.const([start]), g.const([min(start + step, v)]),
+                                              g.const([0]))
+            parts.append(g.op("Gemm", x, g.op("Cast", w, to=TensorProto.FLOAT), transB=1))
+        return parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis=-1)
 
     # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them for the exact context (the
     # frequencies of the checkpoint's rope scaling, fixed: docs/ROPE.md); cos/sin carry LongRoPE's attention factor
@@ -325,8 +354,12 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
         h = mlp_block(h, p)
 
     h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
-    head = embed if cfg.tie_word_embeddings else g.weight("lm_head.weight", ckpt.lm_head().numpy())
-    logits = g.op("Gemm", g.op("Reshape", h, g.const([-1, cfg.hidden_size])), head, transB=1)
+    h = g.op("Reshape", h, g.const([-1, cfg.hidden_size]))
+    if cfg.tie_word_embeddings:
+        logits = head(h, embed, half)
+    else:
+        table = _table(ckpt, "lm_head.weight")
+        logits = head(h, g.weight("lm_head.weight", table), table.dtype == np.float16)
     shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([cfg.vocab_size]), axis=0)
     g.op("Reshape", logits, shape, outputs=["logits"])
     return zero_points

@@ -95,7 +95,7 @@ def model_dir(name: str, work: Path) -> Path:
     return Path(name)
 
 
-def texts(work: Path, nsamples: int, seqlen: int, seed: int = 0) -> tuple[Path, Path]:
+def texts(work: Path, seed: int = 0) -> tuple[Path, Path]:
     """calib.txt: the bundled calibration documents in the order calibration_batches draws them; eval.txt: held-out."""
     docs = calib.load_documents(None)
     random.Random(seed).shuffle(docs)
@@ -159,22 +159,19 @@ def ours(model: Path, work: Path, method: str, fmt: str, a) -> tuple[Path, float
     specs = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False), "q4_k_m": None, "q3_k_m": None}
     if fmt not in specs:
         raise SystemExit(f"--ours {method}:{fmt}: ours is one of {', '.join(specs)}")
-    q = work / f"ours-{method}-{fmt}"
-    seconds = None
-    rep = q / "quant_report.json"
-    if FRESH or not rep.is_file():
+    q = work / f"ours-{method}-{fmt}-{a.nsamples}x{a.seqlen}"  # the calibration budget is part of what is kept
+    rep, stamp = q / "quant_report.json", work / f"{q.name}.seconds"
+    if fresh(rep) or not stamp.is_file():
         t = time.time()
         opts = QuantOptions(spec=specs[fmt] or QuantSpec(), method=method, nsamples=a.nsamples, seqlen=a.seqlen,
                             format=None if specs[fmt] else fmt)
         quantize_checkpoint(model, q, opts, force=True)
-        seconds = time.time() - t
-        (q / "seconds.json").write_text(json.dumps({"seconds": seconds}))
-    seconds = json.loads((q / "seconds.json").read_text())["seconds"] if (q / "seconds.json").is_file() else seconds
+        stamp.write_text(str(time.time() - t))
     emb = "f16" if a.embedding == "f16" else "q6_k"
-    folder = work / f"gguf-{q.name}"
+    folder = work / f"gguf-{q.name}-{emb}"
     if fresh(folder, rep):
         export_ios(q, folder, force=True, embedding=emb)
-    return gguf_in(folder), seconds
+    return gguf_in(folder), float(stamp.read_text())
 
 
 def fold_to_llama(model: Path, out: Path) -> Path:
@@ -226,7 +223,7 @@ print("SECONDS", time.time() - t)
 
 def autoround(folded: Path, work: Path, fmt: str, iters: int, a, ids: Path) -> tuple[Path, float]:
     """AutoRound's own GGUF of the llama-format model, calibrated on the token windows our GPTQ uses."""
-    out = work / f"autoround-{fmt.replace(':', '-')}-iters{iters}"
+    out = work / f"autoround-{fmt.replace(':', '-')}-iters{iters}-{a.nsamples}x{a.seqlen}"
     log = work / f"{out.name}.log"
     if FRESH or not list(out.rglob("*.gguf")):
         shutil.rmtree(out, ignore_errors=True)
@@ -258,7 +255,7 @@ def main() -> None:
     t0 = time.time()
     tools = llama_tools.build()
     model = model_dir(a.model, work)
-    calib_txt, eval_txt = texts(work, a.nsamples, a.seqlen)
+    calib_txt, eval_txt = texts(work)
     if fresh(work / "gguf-f16", model / "config.json"):
         export_ios(model, work / "gguf-f16", force=True, dtype="f16")
     f16 = gguf_in(work / "gguf-f16")
@@ -266,7 +263,7 @@ def main() -> None:
     timed(base, [tools["llama-perplexity"], "-m", f16, "-f", eval_txt, "--kl-divergence-base", base, "-c", 512,
                  "--chunks", a.chunks, "-t", a.threads, "-b", 512], work / "logs" / "base.log", f16)
     files: dict[str, tuple[Path, float | None]] = {}
-    imatrix = work / "imatrix.gguf"
+    imatrix = work / f"imatrix-{a.nsamples}x{a.seqlen}.gguf"
     im_seconds = timed(imatrix, [tools["llama-imatrix"], "-m", f16, "-f", calib_txt, "-o", imatrix, "-c", a.seqlen,
                                  "--chunks", a.nsamples, "-t", a.threads, "-b", a.seqlen, "--no-ppl"],
                        work / "logs" / "imatrix.log", f16)
@@ -274,7 +271,7 @@ def main() -> None:
     for kind in filter(None, a.llama.split(",")):
         for im in (False, True):
             name = f"llama-{kind}" + ("+imatrix" if im else "")
-            out = work / "gguf-llama" / f"{name}.gguf"
+            out = work / "gguf-llama" / f"{name}-{a.nsamples}x{a.seqlen}-{a.embedding}-embedding.gguf"
             out.parent.mkdir(exist_ok=True)
             s = timed(out, [tools["llama-quantize"], *(["--imatrix", imatrix] if im else []), *keep, f16, out, kind,
                             a.threads], work / "logs" / f"{name}.log", f16, *([imatrix] if im else []))

@@ -108,3 +108,15 @@ def quantized(src: Path, out: Path, method: str = "gptq", bits: int = 4, group_s
 def bundled_gptq(bundled, tmp_path_factory):
     """The bundled model quantised GPTQ w4 g32 symmetric (shared by the exporter and eval tests)."""
     return quantized(bundled, tmp_path_factory.mktemp("bundled_gptq") / "gptq", nsamples=32, seqlen=256)
+
+
+def stepwise_logits(model, ids: torch.Tensor, prefix: int):
+    """Logits of ids [1, T] from the first `prefix` tokens at once, then one token at a time through the cache;
+    returns (logits [1, T, V], the final cache)."""
+    with torch.no_grad():
+        logits, past = model(ids[:, :prefix])
+        parts = [logits]
+        for t in range(prefix, ids.shape[1]):
+            logits, past = model(ids[:, t:t + 1], past, start=t)
+            parts.append(logits)
+    return torch.cat(parts, dim=1), past

@@ -2,7 +2,7 @@
 
   python benchmarks/quality_vs_peers.py --model bundled|smollm2|DIR [--work out/peers] [--chunks 40]
       [--llama Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M] [--ours gptq:q4_0,rtn:q4_0,...,gptq:q3_k_m,rtn:q3_k_m]
-      [--embedding f16|default] [--autoround 0,200]
+      [--embedding f16|default] [--autoround 0,200 | 0,50@5e-3] [--autoround-formats gguf:q4_0,gguf:q4_k_m]
 
 Every file is scored by llama.cpp's own `llama-perplexity --kl-divergence` against the F16 GGUF of the same model
 (ctx 512, the first --chunks windows of the bundled held-out text, which the calibration set does not contain): mean
@@ -211,23 +211,24 @@ AR_SCRIPT = r"""
 import json, sys, time
 import torch
 from auto_round import AutoRound
-src, out, fmt, iters, ids = sys.argv[1:6]
+src, out, fmt, iters, lr, ids = sys.argv[1:7]
 ids = json.load(open(ids))
 t = time.time()
 ar = AutoRound(src, scheme=fmt.upper(), iters=int(iters), nsamples=len(ids), seqlen=len(ids[0]),
-               dataset=[torch.tensor([r]) for r in ids], device_map="cpu")
+               dataset=[torch.tensor([r]) for r in ids], device_map="cpu", **({"lr": float(lr)} if lr else {}))
 ar.quantize_and_save(out, format=fmt)
 print("SECONDS", time.time() - t)
 """
 
 
-def autoround(folded: Path, work: Path, fmt: str, iters: int, a, ids: Path) -> tuple[Path, float]:
-    """AutoRound's own GGUF of the llama-format model, calibrated on the token windows our GPTQ uses."""
-    out = work / f"autoround-{fmt.replace(':', '-')}-iters{iters}-{a.nsamples}x{a.seqlen}"
+def autoround(folded: Path, work: Path, fmt: str, iters: int, lr: str, a, ids: Path) -> tuple[Path, float]:
+    """AutoRound's own GGUF of the llama-format model, calibrated on the token windows our GPTQ uses; lr "" is
+    AutoRound's default (1 / iters)."""
+    out = work / f"autoround-{fmt.replace(':', '-')}-iters{iters}{'-lr' + lr if lr else ''}-{a.nsamples}x{a.seqlen}"
     log = work / f"{out.name}.log"
     if FRESH or not list(out.rglob("*.gguf")):
         shutil.rmtree(out, ignore_errors=True)
-        run([AUTOROUND, "-c", AR_SCRIPT, folded, out, fmt, iters, ids], log)
+        run([AUTOROUND, "-c", AR_SCRIPT, folded, out, fmt, iters, lr, ids], log)
     m = re.search(r"SECONDS ([\d.]+)", log.read_text(errors="replace"))
     return next(out.rglob("*.gguf")), float(m.group(1)) if m else float("nan")
 
@@ -241,7 +242,9 @@ def main() -> None:
     ap.add_argument("--ours", default="gptq:q4_0,rtn:q4_0,gptq:q4_1,rtn:q4_1,gptq:q4_k_m,rtn:q4_k_m,gptq:q3_k_m,"
                     "rtn:q3_k_m", help="METHOD:TYPE,... (TYPE: q4_0, q4_1, q4_k_m, q3_k_m)")
     ap.add_argument("--embedding", choices=("f16", "default"), default="f16")
-    ap.add_argument("--autoround", default="", help="AutoRound iters to run, e.g. 0,200 (empty: skip)")
+    ap.add_argument("--autoround", default="", help="AutoRound runs ITERS[@LR],..., e.g. 0,200 (its default tuning) "
+                    "or 50@5e-3 (its auto-round-light recipe); empty: skip")
+    ap.add_argument("--autoround-formats", default="gguf:q4_0,gguf:q4_k_m")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
@@ -279,6 +282,7 @@ def main() -> None:
     for item in filter(None, a.ours.split(",")):
         method, fmt = item.split(":")
         files[f"ours-{method}-{fmt}"] = ours(model, work, method, fmt, a)
+    tuned_iters = 0
     if a.autoround:
         if not AUTOROUND.is_file():
             raise SystemExit(f"--autoround needs {AUTOROUND} (see this script's docstring)")
@@ -287,9 +291,11 @@ def main() -> None:
         tok = Tokenizer(model)
         ids.write_text(json.dumps(calib.calibration_batches(tok, calib.load_documents(None), a.nsamples,
                                                             a.seqlen).tolist()))
-        for iters in map(int, a.autoround.split(",")):
-            for fmt in ("gguf:q4_0", "gguf:q4_k_m"):
-                files[f"autoround-{fmt[5:]}-iters{iters}"] = autoround(folded, work, fmt, iters, a, ids)
+        for run_spec in a.autoround.split(","):
+            iters, _, lr = run_spec.partition("@")
+            tuned_iters = max(tuned_iters, int(iters))
+            for fmt in a.autoround_formats.split(","):
+                files[f"autoround-{fmt[5:]}-iters{iters}"] = autoround(folded, work, fmt, int(iters), lr, a, ids)
     rows = {"F16": {"file": str(f16), **tensor_info(f16), "seconds": None}}
     for name, (path, seconds) in files.items():
         r = score(tools, path, base, a.chunks, a.threads, work / "logs" / f"score-{name}.log")
@@ -313,9 +319,10 @@ def main() -> None:
         if o and p:
             ratios[f"KLD gptq-{ty} / llama imatrix {ty.upper()}"] = o["kld"] / p["kld"]
             ratios[f"size gptq-{ty} / llama imatrix {ty.upper()}"] = o["bytes"] / p["bytes"]
-        ar = rows.get(f"autoround-{ty}-iters200")
-        if o and ar:
-            ratios[f"KLD gptq-{ty} / autoround {ty} iters 200"] = o["kld"] / ar["kld"]
+        ar = rows.get(f"autoround-{ty}-iters{tuned_iters}")
+        if o and ar and tuned_iters:
+            ratios[f"KLD gptq-{ty} / autoround {ty} iters {tuned_iters}"] = o["kld"] / ar["kld"]
+            ratios[f"size gptq-{ty} / autoround {ty} iters {tuned_iters}"] = o["bytes"] / ar["bytes"]
     for k, v in ratios.items():
         console.print(f"{k}: {v:.3f}")
     result = {"model": str(model), "chunks": a.chunks, "embedding": a.embedding, "nsamples": a.nsamples,

@@ -381,6 +381,23 @@ def test_roofline_onnx_embedding_lookup(tmp_path):
     assert roofline.bytes_per_token(save(tmp_path / "a", tied=False))["bytes_per_token"] == 16 + 64
     assert roofline.bytes_per_token(save(tmp_path / "b", tied=True))["bytes_per_token"] == 160 + 64
 
+    # the exporter's graph: a float16 table read by the Gather and cast to float32 for the head (folded at load, so
+    # the head reads 4 bytes a weight), GroupQueryAttention's cos/sin caches read one row (position) per token
+    emb = numpy_helper.from_array(np.zeros((10, 4), np.float16), "emb")          # 80 bytes, 160 as float32
+    w = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")               # 64 bytes
+    cos, sin = (numpy_helper.from_array(np.zeros((8, 2), np.float32), n) for n in ("cos", "sin"))  # rows of 8 bytes
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("GroupQueryAttention", ["h", "", "", "pk", "pv", "sk", "t", "cos", "sin"],
+                              ["a", "k", "v"], domain="com.microsoft"),
+             helper.make_node("Cast", ["emb"], ["embf"], to=TensorProto.FLOAT),
+             helper.make_node("Gemm", ["a", "embf"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [emb, w, cos, sin])
+    (tmp_path / "c").mkdir()
+    onnx.save(helper.make_model(graph), str(tmp_path / "c" / "model.onnx"))
+    r = roofline.bytes_per_token(tmp_path / "c")
+    assert r["bytes_per_token"] == 160 + 64 + 8 + 8 and r["tied"]
+
 
 def test_config_bytes_per_token_arithmetic():
     cfg = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from minicpm_edge.artifact import verify
 from minicpm_edge.errors import UserError
-from minicpm_edge.export.onnx import export_onnx
+from minicpm_edge.export.onnx import FUSED, export_onnx
 from minicpm_edge.model import Checkpoint, Tokenizer
 from minicpm_edge.model.checkpoint import LINEARS
 from minicpm_edge.runtimes import detect, open_runner
@@ -109,7 +109,11 @@ def test_files_checker_and_genai_config(exported, gptq):
     dec = cfg["decoder"]
     assert (cfg["type"], dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"],
             dec["head_size"], cfg["vocab_size"]) == ("llama", 4, 8, 2, 32, 4096)
-    assert ins[:3] == [dec["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")]
+    assert ins[:2] == [dec["inputs"][k] for k in ("input_ids", "attention_mask")] and "position_ids" not in ins
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    fused = [("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization"),
+             ("com.microsoft", "MatMulNBits")]
+    assert [ops.count(op) for op in fused] == [4, 8, 16]  # per layer: attention, 2 norms, qkv / o / gate-up / down
     for i in range(4):
         assert dec["inputs"]["past_key_names"] % i in ins and dec["inputs"]["past_value_names"] % i in ins
         assert dec["outputs"]["present_key_names"] % i in outs and dec["outputs"]["present_value_names"] % i in outs
@@ -164,29 +168,41 @@ def test_matmulnbits_initializers_are_the_gptq_codes(exported, gptq, name):
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     ckpt = Checkpoint(gptq(name))
-    assert sorted(n.name for n in nodes) == sorted(f"model.layers.{i}.{m}" for i in range(
-        ckpt.config.num_hidden_layers) for m in LINEARS)
+    # q|k|v and gate|up are one MatMulNBits each, rows stacked in that order
+    parts = {n.name: [n.name.rsplit(".", 2)[0] + "." + m for m in FUSED.get(n.name.split(".", 3)[3], [])]
+             or [n.name] for n in nodes}
+    assert sorted(m for ms in parts.values() for m in ms) == sorted(
+        f"model.layers.{i}.{m}" for i in range(ckpt.config.num_hidden_layers) for m in LINEARS)
+    assert len(nodes) == 4 * ckpt.config.num_hidden_layers
     for node in nodes:
-        q = ckpt.quantized(node.name)
         attrs = {a.name: a.i for a in node.attribute}
-        n, k = q.shape
-        bs = attrs["block_size"]
-        assert node.domain == "com.microsoft"
-        assert (attrs["K"], attrs["N"], attrs["bits"], attrs["accuracy_level"]) == (k, n, q.bits, 0)
-        assert bs == (q.group_size if q.group_size != -1 else 128)
         B, scales = weights[node.input[1]], weights[node.input[2]]
-        kb = -(-k // bs)
-        assert B.dtype == np.uint8 and B.shape == (n, kb, bs * q.bits // 8)
-        assert scales.dtype == np.float32 and scales.shape == (n, kb)
-        assert np.array_equal(unpack(B, q.bits, k), q.codes.numpy())
-        block = np.arange(k) // bs
-        g = q.g_idx.long()
-        assert np.array_equal(scales[:, block], q.scales.float()[g].t().numpy())
-        if len(node.input) > 3:
-            zeros = unpack(weights[node.input[3]], q.bits, kb)
-            assert np.array_equal(zeros[:, block], q.zeros[g].t().numpy())
-        else:  # absent zero points mean 2^(bits-1), the symmetric GPTQ zero
-            assert (q.zeros == 2 ** (q.bits - 1)).all()
+        zeros = weights[node.input[3]] if len(node.input) > 3 else None
+        assert node.domain == "com.microsoft" and attrs["accuracy_level"] == 0
+        assert attrs["N"] == sum(ckpt.quantized(m).shape[0] for m in parts[node.name]) == len(B) == len(scales)
+        row = 0
+        for module in parts[node.name]:
+            q = ckpt.quantized(module)
+            n, k = q.shape
+            bs = attrs["block_size"]
+            assert (attrs["K"], attrs["bits"]) == (k, q.bits)
+            assert bs == (q.group_size if q.group_size != -1 else 128)
+            kb = -(-k // bs)
+            rows = slice(row, row + n)
+            row += n
+            assert B.dtype == np.uint8 and B.shape[1:] == (kb, bs * q.bits // 8)
+            assert scales.dtype == np.float32 and scales.shape[1] == kb
+            assert np.array_equal(unpack(B[rows], q.bits, k), q.codes.numpy())
+            block = np.arange(k) // bs
+            g = q.g_idx.long()
+            want = q.scales.float()[g].t().numpy()
+            if node.name.endswith(("o_proj", "down_proj")):  # muP's residual multiplier folded into the scales
+                want = (want.astype(np.float64) * ckpt.config.residual_scale).astype(np.float32)
+            assert np.array_equal(scales[rows][:, block], want)
+            if zeros is not None:
+                assert np.array_equal(unpack(zeros[rows], q.bits, kb)[:, block], q.zeros[g].t().numpy())
+            else:  # absent zero points mean 2^(bits-1), the symmetric GPTQ zero
+                assert (q.zeros == 2 ** (q.bits - 1)).all()
     assert any(len(n.input) > 3 for n in nodes) == (not ckpt.quant["spec"].sym)
 
 
@@ -233,17 +249,17 @@ def test_kv_cache_decoding_equals_full_recompute(exported, name):
     assert past[0].shape == (1, runner.kv_shapes[0][1], len(IDS), runner.kv_shapes[0][3])
 
 
-def test_left_padded_batch(exported):
-    """onnxruntime-genai batches with left padding: padded slots must be invisible through attention_mask."""
+def test_right_padded_batch(exported):
+    """A batch of prompts of different lengths, right-padded (GroupQueryAttention's convention: each row's length is
+    its attention_mask sum): every row's real tokens get the logits they get alone."""
     runner = OnnxRunner(exported("gqa"), threads=1)
     short, pad = IDS[:12], 8
-    ids = np.array([[0] * pad + short, IDS], np.int64)
-    mask = np.array([[0] * pad + [1] * 12, [1] * 20], np.int64)
-    pos = np.array([[0] * pad + list(range(12)), list(range(20))], np.int64)
+    ids = np.array([short + [0] * pad, IDS], np.int64)
+    mask = np.array([[1] * 12 + [0] * pad, [1] * 20], np.int64)
     empty = np.zeros((2, *runner.kv_shapes[0][1:]), np.float32)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **{p: empty for p in runner.past}}
-    logits = runner.session.run(["logits"], feeds)[0]
-    assert np.abs(logits[0, pad:] - runner.logits(short)).max() <= TOL
+    logits = runner.session.run(["logits"], {"input_ids": ids, "attention_mask": mask,
+                                             **{p: empty for p in runner.past}})[0]
+    assert np.abs(logits[0, :12] - runner.logits(short)).max() <= TOL
     assert np.abs(logits[1] - runner.logits(IDS)).max() <= TOL
 
 
@@ -352,3 +368,34 @@ def test_rope_scaling_is_recorded_and_changes_the_graph(exported, gptq):
         "sparse_attention"]
     plain = TorchRunner(gptq("mha"), threads=1).logits(IDS)
     assert np.abs(OnnxRunner(exported("longrope"), threads=1).logits(IDS) - plain).max() > 100 * TOL
+
+
+def test_q8_0_head_is_the_gguf_q8_0_table(exported, gptq, tmp_path):
+    """--embedding q8_0: the head is an 8-bit MatMulNBits whose values are exactly the token_embd.weight that the ios
+    export with --embedding q8_0 stores (read back by gguf-py), the lookup keeps the float16 table, and the logits
+    stay within 1% of the float head's."""
+    import gguf
+
+    from test_export_ios import gguf_file
+
+    from minicpm_edge.export.ios import export_ios
+
+    out = export_onnx(gptq("gqa"), tmp_path / "q8", accuracy_level=0, embedding="q8_0")
+    model = onnx.load(str(out / "model.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    attrs = {a.name: a.i for a in head.attribute}
+    assert (head.op_type, attrs["bits"], attrs["block_size"], len(head.input)) == ("MatMulNBits", 8, 32, 3)
+    assert weights["model.embed_tokens.weight"].dtype == np.float16
+    assert not any(n.op_type == "Gemm" for n in model.graph.node)
+    codes = unpack(weights[head.input[1]], 8, 256).astype(np.float32) - 128  # absent zero points: 128
+    values = codes * np.repeat(weights[head.input[2]], 32, 1)
+    t = next(t for t in gguf.GGUFReader(gguf_file(export_ios(gptq("gqa"), tmp_path / "ios", embedding="q8_0"))).tensors
+             if t.name == "token_embd.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(values, gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(values.shape))
+    ref, got = OnnxRunner(exported("gqa"), threads=1).logits(IDS), OnnxRunner(out, threads=1).logits(IDS)
+    assert 0 < np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+    assert json.loads((out / "export.json").read_text())["head"].startswith("8-bit MatMulNBits")
+    with pytest.raises(UserError, match="--embedding q6_k"):
+        export_onnx(gptq("gqa"), tmp_path / "bad", embedding="q6_k")

@@ -236,11 +236,16 @@ def _onnx(path: Path) -> dict:
     for node in graph.node:
         for i, name in enumerate(node.input):
             users.setdefault(name, []).append((node.op_type, i))
-    # an initializer used only as the data input of Gather nodes is an embedding lookup: one row per token
-    lookups = [n for n in tensors if users.get(n) and all(u == ("Gather", 0) for u in users[n])]
+    # an initializer used only as the data input of Gather nodes is an embedding lookup, and GroupQueryAttention's
+    # cos/sin caches are read at the token's position: one row per token
+    rows = {("Gather", 0), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
+    lookups = [n for n in tensors if users.get(n) and all(u in rows for u in users[n])]
     out = _summary("onnx", tensors, None, False, "")
     out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // max(tensors[n][1], 1) for n in lookups)
-    out["tied"] = not lookups
+    # a float16 table that the graph casts to float32 (the head; onnxruntime folds the Cast at load) is read as float32
+    half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    out["bytes_per_token"] += sum(tensors[n][0] for n in half if any(u[0] in ("Cast", "Slice") for u in users.get(n, [])))
+    out["tied"] = not any(("Gather", 0) in users[n] for n in lookups)
     bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
     out["quant"] = f"MatMulNBits w{'/'.join(map(str, sorted(bits)))}" if bits else "float"
     return out

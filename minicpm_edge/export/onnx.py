@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from onnx import TensorProto, helper, numpy_helper, save_model
 
 from ..artifact import staging
@@ -43,14 +44,20 @@ NEG = float(np.finfo(np.float32).min)
 FOLD_BYTES = 1 << 29  # float32 head slices of at most 512 MiB: onnxruntime constant-folds outputs up to 1 GiB
 
 
-def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_level: int = 4) -> Path:
+def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_level: int = 4,
+                embedding: str = "f16") -> Path:
     """Write `out/`: model.onnx (+ model.onnx.data), genai_config.json, tokenizer files, export.json. Returns `out`.
 
     accuracy_level is MatMulNBits' attribute: 0 computes in float32, 4 lets the kernel quantise activations to int8
-    per block (faster on phones, about 1e-2 relative error on a matmul).
+    per block (faster on phones, about 1e-2 relative error on a matmul). embedding: "f16" keeps the table as the
+    checkpoint has it and computes the head from it in float32; "q8_0" computes the head (tied table or lm_head) as
+    an 8-bit MatMulNBits of the table rounded to our Q8_0 grid (the values `--target ios --embedding q8_0` stores),
+    a quarter of the bytes per token, while the lookup keeps the float16 table.
     """
     if accuracy_level not in range(5):
         raise UserError(f"--accuracy-level {accuracy_level}: choose 0 (fp32), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+    if embedding not in HEADS:
+        raise UserError(f"--embedding {embedding}: the onnx target takes {' or '.join(HEADS)}")
     with Checkpoint(checkpoint) as ckpt:
         cfg, quant = ckpt.config, ckpt.quant
         if quant is None:
@@ -66,7 +73,7 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
         with staging(Path(out), force, "onnx") as tmp:
             with open(tmp / DATA, "wb") as data:
                 g = _Graph(data)
-                zero_points = _build(g, ckpt, cfg, accuracy_level)
+                zero_points = _build(g, ckpt, cfg, accuracy_level, embedding)
             model = helper.make_model(g.graph(cfg), producer_name="minicpm-edge", opset_imports=[
                 helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
             model.ir_version = 8  # readable by onnxruntime >= 1.11
@@ -81,6 +88,7 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
                     "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                                      "block_size": spec.group_size if spec.group_size != -1 else PER_CHANNEL_BLOCK,
                                      "zero_points": zero_points, "accuracy_level": accuracy_level},
+                    "head": HEADS[embedding],
                     "opset": OPSET, "activations": "float32", "weights": DATA, "model": cfg.notes()}
             if cfg.mla:
                 info["cache"] = ("MLA: past_key_values.N.key = normed latent [B, 1, S, kv_lora_rank], .value = rotated "
@@ -114,6 +122,56 @@ def matmulnbits(q: QuantizedLinear, name: str = "linear") -> dict:
         z[:, :kb] = zeros
         t["zero_points"] = _pack(z, q.bits)
     return t
+
+
+# Linears that read the same input are one MatMulNBits in the graph, their rows stacked in this order (the GPTQ
+# codes, scales and zero points of each unchanged): fewer, larger matmuls per token, as onnxruntime-genai's builder does
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_name(first: str) -> str:
+    """model.layers.3.self_attn.q_proj -> model.layers.3.self_attn.qkv_proj (the first Linear of a FUSED group)."""
+    return next(first[:-len(parts[0])] + name for name, parts in FUSED.items() if first.endswith("." + parts[0]))
+
+
+def stack(parts: list[dict]) -> dict:
+    """matmulnbits() tensors of Linears with the same K, bits and block size as one, rows in order. A part without
+    zero points gets the symmetric zero 2^(bits-1) written out when another part has them."""
+    first = parts[0]
+    if any((t["K"], t["bits"], t["block_size"]) != (first["K"], first["bits"], first["block_size"]) for t in parts):
+        raise UserError("Linears of one input quantised with different bits or group sizes cannot share a "
+                        "MatMulNBits; re-quantise with one grid")
+    t = {**first, "N": sum(p["N"] for p in parts), "B": np.concatenate([p["B"] for p in parts]),
+         "scales": np.concatenate([p["scales"] for p in parts])}
+    t.pop("zero_points", None)
+    if any("zero_points" in p for p in parts):
+        bits, kb = first["bits"], first["scales"].shape[1]
+        per = 8 // bits
+        sym = _pack(np.full((1, -(-kb // per) * per), 1 << (bits - 1), np.uint8), bits)
+        t["zero_points"] = np.concatenate([p.get("zero_points", np.repeat(sym, p["N"], 0)) for p in parts])
+    return t
+
+
+HEADS = {"f16": "float32 Gemm on the table as stored", "q8_0": "8-bit MatMulNBits, Q8_0 grid (block 32)"}
+
+
+def q8_head(table) -> dict:
+    """matmulnbits() tensors of a float table [V, hidden] on our Q8_0 grid (round to nearest, fp16 d per block of 32,
+    codes -128..127 stored as code + 128 about MatMulNBits' default 8-bit zero 128), in slices of 4096 rows."""
+    from ..quant import QuantSpec, rtn
+    from ..quant.kquant import TYPES
+
+    v, k = table.shape
+    if k % 32:
+        raise UserError(f"--embedding q8_0: hidden size {k} is not a multiple of 32 (Q8_0 blocks); use f16")
+    B, scales = [], []
+    for part in table.split(4096):
+        r = rtn(part.float(), QuantSpec(), block=TYPES["Q8_0"])
+        codes = (r.codes.to(torch.int16) + 128).to(torch.uint8).numpy()
+        B.append(_pack(codes.reshape(len(codes), k // 32, 32), 8))
+        scales.append(r.grid.d.numpy().astype(np.float32))
+    return {"B": np.concatenate(B), "scales": np.concatenate(scales), "K": k, "N": v, "bits": 8, "block_size": 32}
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -154,8 +212,9 @@ def _genai_tokenizer(folder: Path, tok_path: Path) -> None:
 
 
 def genai_config(cfg: ModelConfig) -> dict:
-    """onnxruntime-genai's genai_config.json for this decoder (past and present are separate, growing tensors)."""
-    io = {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+    """onnxruntime-genai's genai_config.json for this decoder. past and present share one buffer of max_length
+    that GroupQueryAttention fills in place (no copy of the cache per token), as the builder's GQA models do."""
+    io = {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                      "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
           "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                       "present_value_names": "present.%d.value"}}
@@ -164,7 +223,7 @@ def genai_config(cfg: ModelConfig) -> dict:
                "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
                "num_key_value_heads": cfg.num_key_value_heads, **io}
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg.exact_context,
-              "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+              "min_length": 0, "past_present_share_buffer": True, "repetition_penalty": 1.0, "temperature": 1.0,
               "top_k": 1, "top_p": 1.0, "length_penalty": 1.0, "early_stopping": True, "no_repeat_ngram_size": 0,
               "diversity_penalty": 0.0}
     return {"model": {"type": "llama", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
@@ -214,7 +273,7 @@ class _Graph:
         kv = 1 if cfg.mla else kv
         ins = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch_size", length]) for name, length in
                (("input_ids", "sequence_length"), ("attention_mask", "total_sequence_length"),
-                ("position_ids", "sequence_length"))]
+                *([("position_ids", "sequence_length")] if cfg.mla else []))]  # GroupQueryAttention needs none
         outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", v])]
         for i in range(cfg.num_hidden_layers):
             for kind, w in widths.items():
@@ -225,19 +284,25 @@ class _Graph:
         return helper.make_graph(self.nodes, "minicpm", ins, outs, self.inits)
 
 
-def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -> bool:
+def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, embedding: str = "f16") -> bool:
     """Add the whole decoder to g, reading one tensor at a time. Returns whether any MatMulNBits has zero points."""
     d, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     zero_points = False
 
-    def linear(x, prefix):
+    def linear(x, prefix, *more, factor=1.0):
+        """One MatMulNBits; with `more` Linears of the same input, one over their rows stacked (q|k|v, gate|up).
+        `factor` multiplies the output, folded into the float32 scales (the codes stay the GPTQ codes)."""
         nonlocal zero_points
-        t = matmulnbits(ckpt.quantized(prefix), prefix)
-        ins = [x, g.weight(prefix + ".qweight", t["B"]), g.weight(prefix + ".scales", t["scales"])]
+        parts = [matmulnbits(ckpt.quantized(n), n) for n in (prefix, *more)]
+        t = stack(parts) if more else parts[0]
+        if factor != 1:
+            t["scales"] = (t["scales"].astype(np.float64) * factor).astype(np.float32)
+        name = fused_name(prefix) if more else prefix
+        ins = [x, g.weight(name + ".qweight", t["B"]), g.weight(name + ".scales", t["scales"])]
         if "zero_points" in t:
-            ins.append(g.weight(prefix + ".qzeros", t["zero_points"]))
+            ins.append(g.weight(name + ".qzeros", t["zero_points"]))
             zero_points = True
-        return g.op("MatMulNBits", *ins, name=prefix, domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
+        return g.op("MatMulNBits", *ins, name=name, domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
                     block_size=t["block_size"], accuracy_level=accuracy_level)
 
     def norm(x, name, eps=cfg.rms_norm_eps):
@@ -278,25 +343,6 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
             parts.append(g.op("Gemm", x, g.op("Cast", w, to=TensorProto.FLOAT), transB=1))
         return parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis=-1)
 
-    # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them for the exact context (the
-    # frequencies of the checkpoint's rope scaling, fixed: docs/ROPE.md); cos/sin carry LongRoPE's attention factor
-    inv = rotary.inverse_frequencies(cfg, cfg.exact_context).numpy()
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2])),
-                 g.const(inv.astype(np.float32), np.float32))
-    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-    factor = rotary.attention_factor(cfg)
-    cos, sin = scaled(g.op("Cos", angles), factor), scaled(g.op("Sin", angles), factor)
-
-    # additive mask [B, 1, 1, T, S]: key slot j is visible to query t when j <= past + t and attention_mask[j] is 1
-    seq = g.op("Shape", "input_ids", start=1, end=2)
-    total = g.op("Shape", "attention_mask", start=1, end=2)
-    scalar = lambda x: g.op("Squeeze", x, g.const([0]))  # noqa: E731
-    keys = g.op("Range", g.const(0), scalar(total), g.const(1))
-    queries = g.op("Range", scalar(g.op("Sub", total, seq)), scalar(total), g.const(1))
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1])))
-    padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
-    mask = g.op("Where", g.op("And", causal, padding), g.const(0.0, np.float32), g.const(NEG, np.float32))
-
     def latent_attention(x, p, i):
         """MiniCPM3's MLA (forward.LatentAttention): scores = q_nope.k_nope + q_rope.k_rope, k_rope broadcast over
         the heads; the cache holds the normed latent and the rotated k_rope."""
@@ -320,40 +366,44 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
 
     def mlp_block(h, p):
         x = norm(h, p + "post_attention_layernorm.weight")
-        gate = linear(x, p + "mlp.gate_proj")
-        if cfg.hidden_act == "silu":
-            act = g.op("Mul", gate, g.op("Sigmoid", gate))
-        elif cfg.hidden_act == "relu":
-            act = g.op("Relu", gate)
-        else:  # FATReLU: x if x > threshold else 0
-            act = g.op("Where", g.op("Greater", gate, g.const(cfg.hidden_act_param, np.float32)), gate,
-                       g.const(0.0, np.float32))
+        act = _activation(g, cfg, linear(x, p + "mlp.gate_proj"))
         mlp = linear(g.op("Mul", act, linear(x, p + "mlp.up_proj")), p + "mlp.down_proj")
         return g.op("Add", h, scaled(mlp, cfg.residual_scale))
 
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        x = norm(h, p + "input_layernorm.weight")
-        if cfg.mla:
-            h = g.op("Add", h, scaled(latent_attention(x, p, i), cfg.residual_scale))
-            h = mlp_block(h, p)
-            continue
-        q = rope(heads_first(linear(x, p + "self_attn.q_proj"), heads))
-        k = rope(heads_first(linear(x, p + "self_attn.k_proj"), kv))
-        v = heads_first(linear(x, p + "self_attn.v_proj"), kv)
-        k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
-        v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
-        # GQA without copies: queries as [B, kv, heads/kv, T, d] against keys and values as [B, kv, 1, S, d]
-        q = g.op("Reshape", q, g.const([0, kv, heads // kv, -1, d]))
-        k_t = g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])
-        scores = g.op("Add", scaled(g.op("MatMul", q, k_t), 1 / math.sqrt(d)), mask)
-        att = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v, g.const([2])))
-        att = g.op("Transpose", g.op("Reshape", att, g.const([0, heads, -1, d])), perm=[0, 2, 1, 3])
-        att = linear(g.op("Reshape", att, g.const([0, 0, heads * d])), p + "self_attn.o_proj")
-        h = g.op("Add", h, scaled(att, cfg.residual_scale))
-        h = mlp_block(h, p)
+    if cfg.mla:
+        # rotary angles [B, 1, T, d] from position_ids, as rope_tables computes them for the exact context (the
+        # frequencies of the checkpoint's rope scaling, fixed: docs/ROPE.md); cos/sin carry LongRoPE's attention factor
+        inv = rotary.inverse_frequencies(cfg, cfg.exact_context).numpy()
+        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2])),
+                     g.const(inv.astype(np.float32), np.float32))
+        angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+        factor = rotary.attention_factor(cfg)
+        cos, sin = scaled(g.op("Cos", angles), factor), scaled(g.op("Sin", angles), factor)
 
-    h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
+        # additive mask [B, 1, 1, T, S]: key slot j is visible to query t when j <= past + t and attention_mask[j] is 1
+        seq = g.op("Shape", "input_ids", start=1, end=2)
+        total = g.op("Shape", "attention_mask", start=1, end=2)
+        scalar = lambda x: g.op("Squeeze", x, g.const([0]))  # noqa: E731
+        keys = g.op("Range", g.const(0), scalar(total), g.const(1))
+        queries = g.op("Range", scalar(g.op("Sub", total, seq)), scalar(total), g.const(1))
+        causal = g.op("LessOrEqual", g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1])))
+        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
+        mask = g.op("Where", g.op("And", causal, padding), g.const(0.0, np.float32), g.const(NEG, np.float32))
+
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            h = g.op("Add", h, scaled(latent_attention(norm(h, p + "input_layernorm.weight"), p, i),
+                                      cfg.residual_scale))
+            h = mlp_block(h, p)
+        h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
+    else:
+        h = _gqa_decoder(g, ckpt, cfg, h, linear, norm)  # normed, divided by logit_scale
+    if embedding == "q8_0":  # [B, T, hidden] -> [B, T, vocab] as it is
+        t = q8_head(ckpt.tensor("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"))
+        g.op("MatMulNBits", h, g.weight("lm_head.qweight", t["B"]), g.weight("lm_head.scales", t["scales"]),
+             outputs=["logits"], name="lm_head", domain="com.microsoft", K=t["K"], N=t["N"], bits=8,
+             block_size=t["block_size"], accuracy_level=accuracy_level)
+        return zero_points
     h = g.op("Reshape", h, g.const([-1, cfg.hidden_size]))
     if cfg.tie_word_embeddings:
         logits = head(h, embed, half)
@@ -363,3 +413,62 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int) -
     shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([cfg.vocab_size]), axis=0)
     g.op("Reshape", logits, shape, outputs=["logits"])
     return zero_points
+
+
+def _gqa_decoder(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, h: str, linear, norm) -> str:
+    """The decoder layers with onnxruntime's fused decode ops; returns the final-normed hidden states / logit_scale.
+
+    Per layer: q|k|v as one MatMulNBits into com.microsoft.GroupQueryAttention (causal, GQA, rotate-half rotary from
+    cos/sin tables of the fixed frequencies with LongRoPE's attention factor folded in, key/value caches [B, kv, S, d]
+    that it appends to, or fills in place when the runtime shares past and present buffers), gate|up as one
+    MatMulNBits, and each residual add fused with the next RMSNorm (com.microsoft.SkipSimplifiedLayerNormalization).
+    GroupQueryAttention takes positions from the cache length (seqlens_k = attention_mask sum - 1, so a batch is
+    right-padded) and needs no position_ids. muP's multipliers cost no operations: residual_scale is folded into the
+    float32 scales of o_proj and down_proj, 1/logit_scale into the final norm's weight (one float32 rounding each).
+    """
+    d, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    positions = max(cfg.exact_context, cfg.max_position_embeddings)
+    angles = np.outer(np.arange(positions, dtype=np.float64),
+                      rotary.inverse_frequencies(cfg, cfg.exact_context).double().numpy())
+    factor = rotary.attention_factor(cfg)
+    cos = g.weight("rotary.cos_cache", (np.cos(angles) * factor).astype(np.float32))
+    sin = g.weight("rotary.sin_cache", (np.sin(angles) * factor).astype(np.float32))
+    lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
+    seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)
+    total = g.op("Cast", g.op("Gather", g.op("Shape", "attention_mask"), g.const(1), axis=0), to=TensorProto.INT32)
+
+    def skip_norm(h, branch, name, divide=1.0):  # (RMSNorm(h + branch) with weight `name` / divide, h + branch)
+        node = f"{name}/skip_norm"
+        outs = [f"{node}/out0", "", "", f"{node}/out3"]
+        gamma = (ckpt.tensor(name).double().numpy() / divide).astype(np.float32)
+        g.op("SkipSimplifiedLayerNormalization", h, branch, g.weight(name, gamma), outputs=outs, name=node,
+             domain="com.microsoft", epsilon=cfg.rms_norm_eps)
+        return outs[0], outs[3]
+
+    x = norm(h, "model.layers.0.input_layernorm.weight")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = linear(x, p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
+        att = g.op("GroupQueryAttention", qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                   seqlens_k, total, cos, sin, outputs=[f"{p}attn/out0", f"present.{i}.key", f"present.{i}.value"],
+                   name=p + "attn", domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1,
+                   rotary_interleaved=0, scale=1 / math.sqrt(d))[0]
+        x, h = skip_norm(h, linear(att, p + "self_attn.o_proj", factor=cfg.residual_scale),
+                         p + "post_attention_layernorm.weight")
+        gate, up = g.op("Split", linear(x, p + "mlp.gate_proj", p + "mlp.up_proj"),
+                        g.const([cfg.intermediate_size] * 2), axis=-1, outputs=2)
+        last = i + 1 == cfg.num_hidden_layers
+        down = linear(g.op("Mul", _activation(g, cfg, gate), up), p + "mlp.down_proj", factor=cfg.residual_scale)
+        x, h = skip_norm(h, down, "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight",
+                         cfg.logit_scale if last else 1.0)
+    return x
+
+
+def _activation(g: _Graph, cfg: ModelConfig, gate: str) -> str:
+    if cfg.hidden_act == "silu":
+        return g.op("Mul", gate, g.op("Sigmoid", gate))
+    if cfg.hidden_act == "relu":
+        return g.op("Relu", gate)
+    # FATReLU: x if x > threshold else 0
+    return g.op("Where", g.op("Greater", gate, g.const(cfg.hidden_act_param, np.float32)), gate,
+                g.const(0.0, np.float32))

@@ -34,10 +34,11 @@ class OnnxRunner:
         self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_kind)
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.outputs = ["logits", *(n.replace("past_key_values.", "present.", 1) for n in self.past)]
-        if not {"input_ids", "attention_mask", "position_ids"} <= inputs.keys() or not self.past \
+        if not {"input_ids", "attention_mask"} <= inputs.keys() or not self.past \
                 or not set(self.outputs) <= outputs.keys():
-            raise UserError(f"{path}: not a decoder with input_ids, attention_mask, position_ids, past_key_values.* "
-                            "and logits; re-export it with `minicpm-edge export --target onnx`")
+            raise UserError(f"{path}: not a decoder with input_ids, attention_mask, past_key_values.* and logits; "
+                            "re-export it with `minicpm-edge export --target onnx`")
+        self.positions = "position_ids" in inputs  # GroupQueryAttention graphs take positions from the cache
         # [batch, kv, 0, head_dim] each (MiniCPM3's latent cache: key and value widths differ)
         self.kv_shapes = [[d if isinstance(d, int) else 0 for d in inputs[n].shape] for n in self.past]
         self.vocab_size = outputs["logits"].shape[-1]
@@ -51,7 +52,9 @@ class OnnxRunner:
             past = [np.zeros([1, *shape[1:]], np.float32) for shape in self.kv_shapes]
         start, n = past[0].shape[2], len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, start + n), np.int64),
-                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **dict(zip(self.past, past))}
+                 **dict(zip(self.past, past))}
+        if self.positions:
+            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
         logits, *present = self.session.run(self.outputs, feeds)
         return logits[0], present
 

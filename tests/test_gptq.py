@@ -276,3 +276,25 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(calib):
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
         big.t() @ big / 1500 + 0.01 * torch.diag(big.t() @ big / 1500).mean() * torch.eye(1100))), upper=True)
     assert torch.allclose(U2, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["sym-g32", "asym-g64", "act-order", "per-channel", "q4_k-block", "q6_k-block"])
+def test_output_error_from_the_solver_loss(case):
+    """The report's numerator from the solver's loss (2 loss - damping terms) equals the quadratic form it replaces,
+    with dead inputs (always-zero features), act-order and GGML block grids (where a dead weight's code need not be 0)."""
+    from minicpm_edge.quant.kquant import TYPES
+
+    x = correlated(k=512)
+    x[:, [3, 100, 101]] = 0  # dead inputs
+    w = weight(k=512)
+    g = solver(x)
+    kw = {"sym-g32": dict(spec=QuantSpec(4, 32, True)), "asym-g64": dict(spec=QuantSpec(4, 64, False)),
+          "act-order": dict(spec=QuantSpec(4, 32, True), act_order=True, static_groups=True),
+          "per-channel": dict(spec=QuantSpec(3, -1, False)),
+          "q4_k-block": dict(spec=QuantSpec(), block=TYPES["Q4_K"]),
+          "q6_k-block": dict(spec=QuantSpec(), block=TYPES["Q6_K"])}[case]
+    r = g.quantize(w, kw.pop("spec"), **kw)
+    assert r.loss > 0
+    fast, exact = g.output_error(w, r.dequantized, r), g.output_error(w, r.dequantized)
+    assert fast == pytest.approx(exact, rel=1e-4)
+    assert exact == pytest.approx((out_err(x, w, r.dequantized) / float((x @ w.t()).pow(2).sum())) ** 0.5, rel=1e-3)

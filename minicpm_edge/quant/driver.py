@@ -256,7 +256,9 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
                 r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **opts.column_order)
             else:
                 r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H), block=block)
-            modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized), 8), "damp": r.damp_used}
+            solved = r if opts.method == "gptq" else None  # the solver's loss gives the numerator
+            modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized, solved), 8),
+                             "damp": r.damp_used}
             if block is not None:
                 modules[name]["type"] = block.name
             records[name] = GGMLLinear.from_result(r) if block else QuantizedLinear.from_result(r, opts.spec)

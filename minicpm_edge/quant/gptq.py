@@ -179,11 +179,24 @@ class GPTQ:
         self._factored = (self.H, key, (H, dead, perm, Hinv, damp_used))
         return self._factored[2]
 
-    def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor) -> float:
-        """Relative output error ||X(W - Q)^T|| / ||XW^T|| over the calibration tokens, computed from H."""
+    def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor, result: QuantResult | None = None) -> float:
+        """Relative output error ||X(W - Q)^T|| / ||XW^T|| over the calibration tokens, computed from H.
+
+        With `result`, the solve of this Hessian that made `dequantized`, the numerator is the solver's own: its loss
+        (sum of err^2 / d^2 / 2 over the columns) is half of D0 (Hm + lambda I) D0^T exactly (each step's error
+        update is the optimal one for the columns left, so the steps' losses add up to the final quadratic error),
+        with D0 = W0 - Q for W0 = W with its dead inputs zeroed and Hm = H with their diagonal set to 1. Hence
+        ||X(W - Q)^T||^2 = 2 loss - lambda ||D0||^2 - ||Q_dead||^2, and only ||XW^T||^2 is a quadratic form."""
         W = weight.float().to(self.H.device)
-        D = W - dequantized.float().to(self.H.device)
-        num, den = _quadratic(D, self.H), _quadratic(W, self.H)
+        Q = dequantized.float().to(self.H.device)
+        den = _quadratic(W, self.H)
+        if result is not None and result.loss > 0 and self._factored is not None and self._factored[0] is self.H:
+            Hm, dead = self._factored[2][:2]
+            lam = result.damp_used * float(torch.diag(Hm).mean())
+            live, q_dead = float((W - Q)[:, ~dead].square().sum()), float(Q[:, dead].square().sum())
+            num = 2 * result.loss - lam * (live + q_dead) - q_dead
+        else:
+            num = _quadratic(W - Q, self.H)
         return math.sqrt(max(num / den, 0.0)) if den > 0 else 0.0
 
 

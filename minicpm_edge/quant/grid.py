@@ -22,7 +22,9 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
 MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8  # clipping search, as in the GPTQ reference quantiser
 SEARCHES = ("weighted", "mse", "max")  # how find_params picks each group's scale (and zero)
-SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 21  # the weighted search's candidates: these multiples of the max-based scale
+# the weighted search's candidates: these multiples of the max-based scale, steps of 0.04 (steps of 0.02 lowered the
+# weighted error by 0.03% for twice the time)
+SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 11
 CHUNK = 1 << 18  # weights per find_params call in group_params (1 MiB of float32: stays in the CPU's caches)
 FP16_MAX = 65504.0
 
@@ -129,17 +131,32 @@ def one_thread(device: torch.device):
 
 
 def _weighted_search(w, spec, lo, hi, scale, zero, importance):
-    """The "weighted" search of find_params: (scale, zero) per row, never worse than the max-based grid it starts at."""
+    """The "weighted" search of find_params: (scale, zero) per row, never worse than the max-based grid it starts at.
+
+    A candidate (s, z) with codes d (centred: q - z) has weighted error sum imp*(w - s*d)^2 = C - 2*s*A + s^2*B with
+    A = sum imp*w*d, B = sum imp*d^2 and C = sum imp*w^2 per row, and its codes' least-squares scale is A / B: one
+    pass to make d and two dot products per candidate. The sums are float32 over a group, combined in float64; a
+    candidate must win by more than their rounding (1e-6 C) to replace the best.
+    """
     imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
     iw = imp * w
+    C = torch.einsum("ij,ij->i", iw, w).double()
+    margin = 1e-6 * C
+    d, idd = torch.empty_like(w), torch.empty_like(w)
+    half = (spec.maxq + 1) // 2
 
     def judge(s, z):
-        """Weighted error of (s, z) per row, and the least-squares scale of its codes (fp16, sign kept)."""
-        d = torch.clamp(torch.round(w * (1 / s)[:, None]) + z[:, None], 0, spec.maxq).sub_(z[:, None])
-        r = torch.addcmul(-w, d, s[:, None])
-        err = torch.einsum("ij,ij->i", r.mul_(r), imp)
-        den = torch.einsum("ij,ij->i", d * d, imp)
-        ls = torch.where(den > 0, torch.einsum("ij,ij->i", iw, d) / den.clamp(min=1e-30), s)
+        """Weighted error of (s, z) per row (float64), and the least-squares scale of its codes (fp16, sign kept)."""
+        torch.mul(w, (1 / s)[:, None], out=d).round_()
+        if spec.sym:  # z is the centre for every row
+            d.clamp_(-half, spec.maxq - half)
+        else:
+            d.add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
+        A = torch.einsum("ij,ij->i", iw, d)
+        B = torch.einsum("ij,ij->i", torch.mul(imp, d, out=idd), d)
+        s64 = s.double()
+        err = C - 2 * s64 * A.double() + s64 * s64 * B.double()
+        ls = torch.where(B > 0, A / B.clamp(min=1e-30), s)
         return err, _fp16_scale(ls, s)
 
     best, _ = judge(scale, zero)
@@ -147,7 +164,7 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     def consider(s, z):
         nonlocal best, scale, zero
         err, ls = judge(s, z)
-        better = err < best
+        better = err < best - margin
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
         return ls

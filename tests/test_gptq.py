@@ -281,7 +281,8 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(calib):
 @pytest.mark.parametrize("case", ["sym-g32", "asym-g64", "act-order", "per-channel", "q4_k-block", "q6_k-block"])
 def test_output_error_from_the_solver_loss(case):
     """The report's numerator from the solver's loss (2 loss - damping terms) equals the quadratic form it replaces,
-    with dead inputs (always-zero features), act-order and GGML block grids (where a dead weight's code need not be 0)."""
+    with dead inputs (always-zero features), act-order and GGML block grids (where a dead weight's code need not be
+    0)."""
     from minicpm_edge.quant.kquant import TYPES
 
     x = correlated(k=512)

@@ -244,7 +244,8 @@ def _onnx(path: Path) -> dict:
     out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // max(tensors[n][1], 1) for n in lookups)
     # a float16 table that the graph casts to float32 (the head; onnxruntime folds the Cast at load) is read as float32
     half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    out["bytes_per_token"] += sum(tensors[n][0] for n in half if any(u[0] in ("Cast", "Slice") for u in users.get(n, [])))
+    cast = [n for n in half if any(u[0] in ("Cast", "Slice") for u in users.get(n, []))]
+    out["bytes_per_token"] += sum(tensors[n][0] for n in cast)
     out["tied"] = not any(("Gather", 0) in users[n] for n in lookups)
     bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
     out["quant"] = f"MatMulNBits w{'/'.join(map(str, sorted(bits)))}" if bits else "float"

@@ -1,16 +1,23 @@
-"""ONNX export for onnxruntime and onnxruntime-genai: every GPTQ Linear becomes one `com.microsoft.MatMulNBits`.
+"""ONNX export for onnxruntime and onnxruntime-genai: the GPTQ Linears as `com.microsoft.MatMulNBits` nodes.
 
 MatMulNBits (FORMATS.md section 4): B uint8 [N, k_blocks, block_size*bits/8] packed along K (first code in the low
 bits), scales float [N, k_blocks], zero_points packed like B [N, ceil(k_blocks*bits/8)] and absent when every zero is
 2^(bits-1), the symmetric GPTQ zero. Contiguous GPTQ groups map onto blocks with the codes unchanged; a per-channel
 grid (group -1) becomes 128-wide blocks that repeat the row's scale and zero. The CPU kernel takes 2, 4 and 8 bits.
 
-The graph is model/forward.py in ONNX ops (opset 17, float32 activations): Gather x scale_emb, RMSNorm, rotary
-(rotate-half, angles from position_ids), causal attention with GQA (or MiniCPM3's latent attention, its cache the
-normed latent and the rotated shared key; no genai_config.json then) and past/present key-values, SiLU/ReLU/FATReLU MLP,
-residual x residual_scale, final norm / logit_scale, head as Gemm(transB) on the embedding (stored once) or lm_head.
-Both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph (for the head
-in slices that onnxruntime folds at session load: the MiniCPM-2B export is 1.97 GiB instead of 2.50).
+The graph is model/forward.py in ONNX ops (opset 17, float32 activations) with onnxruntime's fused decode ops, as
+onnxruntime-genai's model builder makes them: Gather x scale_emb, then per layer q|k|v as one MatMulNBits (the three
+Linears' rows stacked, codes unchanged), com.microsoft.GroupQueryAttention (causal GQA, rotate-half rotary from cos/sin
+tables of the checkpoint's fixed frequencies times LongRoPE's attention factor, BNSH key/value caches that it appends
+to or, in genai with past_present_share_buffer, fills in place; positions come from attention_mask, so no
+position_ids and batches are right-padded), o_proj, gate|up as one MatMulNBits, SiLU/ReLU/FATReLU, down_proj, and
+each residual add fused with the next RMSNorm (com.microsoft.SkipSimplifiedLayerNormalization). muP's residual
+multiplier is folded into the float32 scales of o_proj and down_proj and 1/logit_scale into the final norm's weight.
+MiniCPM3 (latent attention) keeps plain ops: its cache is the normed latent and the rotated shared key, which
+GroupQueryAttention cannot hold (no genai_config.json then). The head is a Gemm(transB) on the embedding (stored once)
+or lm_head; both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph
+(for the head in slices that onnxruntime folds at session load: the MiniCPM-2B export is 1.97 GiB instead of 2.50),
+or, with --embedding q8_0, the head is an 8-bit MatMulNBits on our Q8_0 grid (a quarter of the bytes per token).
 Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
 read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
 """

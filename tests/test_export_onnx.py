@@ -246,7 +246,14 @@ def test_kv_cache_decoding_equals_full_recompute(exported, name):
         logits, past = runner._run(IDS[a:b], past)
         chunks.append(logits)
     assert np.abs(np.concatenate(chunks) - full).max() <= TOL
-    assert past[0].shape == (1, runner.kv_shapes[0][1], len(IDS), runner.kv_shapes[0][3])
+    assert past.length == len(IDS) and past.view(0).shape == (1, runner.kv_shapes[0][1], len(IDS),
+                                                              runner.kv_shapes[0][3])
+    # the buffers are shared with the graph (io-binding): the attention wrote the keys in place, past its capacity too
+    long, past = IDS * 20, None  # 400 tokens: the 256-position buffers double once
+    for a in range(0, len(long), 50):
+        logits, past = runner._run(long[a:a + 50], past)
+    assert past.arrays[0].shape[2] == 512 and np.abs(logits - runner.logits(long)[-50:]).max() <= TOL
+    assert np.abs(past.view(0)).sum() > 0 and not np.abs(past.arrays[0][:, :, len(long):]).any()
 
 
 def test_right_padded_batch(exported):

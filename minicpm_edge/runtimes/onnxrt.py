@@ -43,18 +43,34 @@ class OnnxRunner:
         self.kv_shapes = [[d if isinstance(d, int) else 0 for d in inputs[n].shape] for n in self.past]
         self.vocab_size = outputs["logits"].shape[-1]
 
-    def _run(self, ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [T, vocab] of `ids` following the cached key/values `past` (None: an empty cache)."""
+    def _run(self, ids: list[int], past=None) -> tuple[np.ndarray, object]:
+        """Logits [T, vocab] of `ids` following the cache `past` (None: an empty one) and the cache after them.
+
+        GroupQueryAttention graphs (no position_ids input) get onnxruntime-genai's shared buffers through io-binding:
+        each past_key_values.N is bound as the present.N output too, so the attention writes the new keys and values
+        in place (capacity doubled when full) instead of copying the whole cache every token. Other graphs (MLA) get
+        growing arrays: the cache is then [present arrays]."""
         if not len(ids):
             raise UserError("no tokens to run")
         ids = check_ids(ids, self.vocab_size, "the ONNX model")
+        if not self.positions:
+            cache = past if past is not None else _SharedCache(self.kv_shapes)
+            cache.reserve(cache.length + len(ids))
+            io = self.session.io_binding()
+            io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+            io.bind_cpu_input("attention_mask", np.ones((1, cache.length + len(ids)), np.int64))
+            io.bind_output("logits")  # first: copy_outputs_to_cpu follows the binding order
+            for name, out, value in zip(self.past, self.outputs[1:], cache.values):
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(out, value)
+            self.session.run_with_iobinding(io)
+            cache.length += len(ids)
+            return io.copy_outputs_to_cpu()[0][0], cache
         if past is None:
             past = [np.zeros([1, *shape[1:]], np.float32) for shape in self.kv_shapes]
         start, n = past[0].shape[2], len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, start + n), np.int64),
-                 **dict(zip(self.past, past))}
-        if self.positions:
-            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **dict(zip(self.past, past))}
         logits, *present = self.session.run(self.outputs, feeds)
         return logits[0], present
 
@@ -75,6 +91,34 @@ class OnnxRunner:
             if i + 1 < n_new:
                 logits, past = self._run(out[-1:], past)
         return out
+
+
+class _SharedCache:
+    """Key/value buffers [1, kv, capacity, head_dim] that past and present share, and how many positions are filled."""
+
+    def __init__(self, shapes: list[list[int]], capacity: int = 256):
+        self.shapes, self.length, self.arrays, self.values = shapes, 0, [], []
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        import onnxruntime as ort
+
+        old = self.arrays
+        self.arrays = [np.zeros([1, shape[1], capacity, shape[3]], np.float32) for shape in self.shapes]
+        for new, before in zip(self.arrays, old):
+            new[:, :, :self.length] = before[:, :, :self.length]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays' memory
+
+    def reserve(self, total: int) -> None:
+        capacity = self.arrays[0].shape[2]
+        if total > capacity:
+            while capacity < total:
+                capacity *= 2
+            self._allocate(capacity)
+
+    def view(self, i: int) -> np.ndarray:
+        """Layer i's filled part of the cache (past_key_values / present order)."""
+        return self.arrays[i][:, :, :self.length]
 
 
 def _layer_kind(name: str) -> tuple[int, str]:

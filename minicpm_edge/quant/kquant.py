@@ -156,7 +156,7 @@ def _fit_sub(x, iw, t):
         base_s, base_o = ext / t.lo, torch.zeros_like(ext)  # the signed extreme gets code lo (all levels used)
     best = _err(x3, iw3, base_s[:, None], base_o[:, None], t)
     s_best, o_best = base_s.clone(), base_o.clone()
-    for p in CANDIDATES:
+    for p in CANDIDATES if t.hi - t.lo < 255 else (1.0,):  # 8 bits: the max-based scale and its refit suffice
         tries = [(base_s * p, base_o * p)]  # the range shrunk (clipped) or widened around 0
         if t.has_min:
             tries.append((base_s * p, base_o))  # or at its top only

@@ -54,7 +54,7 @@ def build(work: Path, model: str, layers: int) -> dict[str, Path]:
     if not (gptq / "manifest.json").is_file():
         subprocess.run(PY + ["minicpm_edge", "quantize", str(src), *quant, "--out", str(gptq), "--force"], check=True)
     ours = {}
-    for head in ("f16", "q8_0"):  # the head in float32 from the float16 table (default), or 8-bit
+    for head in ("f16", "q8_0", "q4_0"):  # the head in float32 from the float16 table (default), 8- or 4-bit
         ours[f"ours-{head}"] = folder = work / f"ours-onnx-{head}"
         if not (folder / "model.onnx").is_file():
             subprocess.run(PY + ["minicpm_edge", "export", str(gptq), "--target", "onnx", "--out", str(folder),

@@ -406,3 +406,27 @@ def test_q8_0_head_is_the_gguf_q8_0_table(exported, gptq, tmp_path):
     assert json.loads((out / "export.json").read_text())["head"].startswith("8-bit MatMulNBits")
     with pytest.raises(UserError, match="--embedding q6_k"):
         export_onnx(gptq("gqa"), tmp_path / "bad", embedding="q6_k")
+
+
+def test_q4_0_head(exported, gptq, tmp_path):
+    """--embedding q4_0: a 4-bit head whose values are the table on our Q4_0 grid; the logits move more than with q8_0
+    (the quality it costs) and the per-token bytes fall to about an eighth of the float32 head's."""
+    from minicpm_edge.bench import roofline
+    from minicpm_edge.quant import QuantSpec, rtn
+    from minicpm_edge.quant.kquant import TYPES
+
+    out = export_onnx(gptq("gqa"), tmp_path / "q4", accuracy_level=0, embedding="q4_0")
+    model = onnx.load(str(out / "model.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    assert {a.name: a.i for a in head.attribute}["bits"] == 4
+    values = (unpack(weights[head.input[1]], 4, 256).astype(np.float32) - 8) * np.repeat(weights[head.input[2]], 32, 1)
+    table = Checkpoint(gptq("gqa")).embedding().float()
+    assert np.array_equal(values, rtn(table, QuantSpec(), block=TYPES["Q4_0"]).dequantized.numpy())
+    ref, got = OnnxRunner(exported("gqa"), threads=1).logits(IDS), OnnxRunner(out, threads=1).logits(IDS)
+    q8 = OnnxRunner(export_onnx(gptq("gqa"), tmp_path / "q8", accuracy_level=0, embedding="q8_0"), threads=1)
+    assert np.abs(q8.logits(IDS) - ref).max() < np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+    per = {name: roofline.bytes_per_token(folder)["bytes_per_token"] for name, folder in
+           (("f16", exported("gqa")), ("q4_0", out))}
+    head_f32, head_q4 = 4096 * 256 * 4, 4096 * 256 // 2 + 4096 * 8 * 4  # + the lookup's row and shape constants
+    assert abs(per["f16"] - per["q4_0"] - (head_f32 - head_q4)) < 1024

@@ -17,7 +17,7 @@ MiniCPM3 (latent attention) keeps plain ops: its cache is the normed latent and 
 GroupQueryAttention cannot hold (no genai_config.json then). The head is a Gemm(transB) on the embedding (stored once)
 or lm_head; both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph
 (for the head in slices that onnxruntime folds at session load: the MiniCPM-2B export is 1.97 GiB instead of 2.50),
-or, with --embedding q8_0, the head is an 8-bit MatMulNBits on our Q8_0 grid (a quarter of the bytes per token).
+or, with --embedding q8_0 / q4_0, the head is an 8- / 4-bit MatMulNBits on our Q8_0 / Q4_0 grid.
 Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
 read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
 """
@@ -59,7 +59,8 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
     per block (faster on phones, about 1e-2 relative error on a matmul). embedding: "f16" keeps the table as the
     checkpoint has it and computes the head from it in float32; "q8_0" computes the head (tied table or lm_head) as
     an 8-bit MatMulNBits of the table rounded to our Q8_0 grid (the values `--target ios --embedding q8_0` stores),
-    a quarter of the bytes per token, while the lookup keeps the float16 table.
+    a quarter of the bytes per token, "q4_0" as a 4-bit one on our Q4_0 grid (an eighth: what onnxruntime-genai's
+    builder does to every head, at a cost in quality), while the lookup keeps the float16 table.
     """
     if accuracy_level not in range(5):
         raise UserError(f"--accuracy-level {accuracy_level}: choose 0 (fp32), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
@@ -160,25 +161,27 @@ def stack(parts: list[dict]) -> dict:
     return t
 
 
-HEADS = {"f16": "float32 Gemm on the table as stored", "q8_0": "8-bit MatMulNBits, Q8_0 grid (block 32)"}
+HEADS = {"f16": "float32 Gemm on the table as stored", "q8_0": "8-bit MatMulNBits, Q8_0 grid (block 32)",
+         "q4_0": "4-bit MatMulNBits, Q4_0 grid (block 32)"}
 
 
-def q8_head(table) -> dict:
-    """matmulnbits() tensors of a float table [V, hidden] on our Q8_0 grid (round to nearest, fp16 d per block of 32,
-    codes -128..127 stored as code + 128 about MatMulNBits' default 8-bit zero 128), in slices of 4096 rows."""
+def quantized_head(table, kind: str = "q8_0") -> dict:
+    """matmulnbits() tensors of a float table [V, hidden] rounded to nearest on our Q8_0 or Q4_0 grid (fp16 d per
+    block of 32, codes -2^(b-1)..2^(b-1)-1 stored as code + 2^(b-1), MatMulNBits' default zero), 4096 rows at a time."""
     from ..quant import QuantSpec, rtn
     from ..quant.kquant import TYPES
 
     v, k = table.shape
     if k % 32:
-        raise UserError(f"--embedding q8_0: hidden size {k} is not a multiple of 32 (Q8_0 blocks); use f16")
+        raise UserError(f"--embedding {kind}: hidden size {k} is not a multiple of 32 (its blocks); use f16")
+    bits = 8 if kind == "q8_0" else 4
     B, scales = [], []
     for part in table.split(4096):
-        r = rtn(part.float(), QuantSpec(), block=TYPES["Q8_0"])
-        codes = (r.codes.to(torch.int16) + 128).to(torch.uint8).numpy()
-        B.append(_pack(codes.reshape(len(codes), k // 32, 32), 8))
+        r = rtn(part.float(), QuantSpec(), block=TYPES[kind.upper()])
+        codes = (r.codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).numpy()
+        B.append(_pack(codes.reshape(len(codes), k // 32, 32), bits))
         scales.append(r.grid.d.numpy().astype(np.float32))
-    return {"B": np.concatenate(B), "scales": np.concatenate(scales), "K": k, "N": v, "bits": 8, "block_size": 32}
+    return {"B": np.concatenate(B), "scales": np.concatenate(scales), "K": k, "N": v, "bits": bits, "block_size": 32}
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -405,10 +408,11 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
         h = scaled(norm(h, "model.norm.weight"), cfg.logit_scale, "Div")
     else:
         h = _gqa_decoder(g, ckpt, cfg, h, linear, norm)  # normed, divided by logit_scale
-    if embedding == "q8_0":  # [B, T, hidden] -> [B, T, vocab] as it is
-        t = q8_head(ckpt.tensor("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"))
+    if embedding != "f16":  # [B, T, hidden] -> [B, T, vocab] as it is
+        t = quantized_head(ckpt.tensor("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"),
+                           embedding)
         g.op("MatMulNBits", h, g.weight("lm_head.qweight", t["B"]), g.weight("lm_head.scales", t["scales"]),
-             outputs=["logits"], name="lm_head", domain="com.microsoft", K=t["K"], N=t["N"], bits=8,
+             outputs=["logits"], name="lm_head", domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
              block_size=t["block_size"], accuracy_level=accuracy_level)
         return zero_points
     h = g.op("Reshape", h, g.const([-1, cfg.hidden_size]))

@@ -8,10 +8,11 @@ is `python -m onnxruntime_genai.models.builder -p int4 -e cpu` on the llama-form
 onnxruntime-genai wheel does not pull in (put it on PYTHONPATH, e.g. pip install --target DIR onnx_ir). Rounds
 interleave the two models; prints median and range of prefill and decode tokens/s, the ratio, and each folder's size.
 
-Measured on AMD EPYC (2 cores, shared), onnxruntime-genai 0.18.0, 2 threads, pp128 tg128, four runs of 5-9 rounds:
-ours 3.95 MiB, decode medians 778-1510 tok/s; builder 6.64 MiB (float32 embedding, int4 head), 1677-3046 tok/s;
-ours / builder decode 0.35x-0.81x (median of the four 0.5x), prefill 0.65x-1.20x. The builder's graph fuses what ours
-does not yet: GroupQueryAttention, SkipSimplifiedLayerNormalization, one MatMulNBits for q/k/v (issue 19).
+Measured on AMD EPYC (2 cores, shared), onnxruntime-genai 0.18.0, 2 threads. MiniCPM-2B shapes, 8 layers, pp128
+tg32, 5 rounds: ours / builder decode 0.41x (float32 head), 0.80x (q8_0 head), 0.99x (q4_0 head, the builder's
+bytes per token; per-round median 1.00), prefill 0.96-1.05x; sizes 840 / 1144 / 1009 MiB against 1544. Bundled model,
+pp128 tg128, 15 rounds: decode 1.00-1.11x the builder's for all three heads (per round 0.5-3.2: noise). Before the
+fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, stacked q|k|v and gate|up) ours was 0.35-0.81x.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ llama.cpp's imatrix is made by `llama-imatrix` from the same calibration text an
 (--nsamples windows of --seqlen tokens of the bundled calibration set, in the same shuffled order). The tools are
 llama.cpp of the installed llama-cpp-python, built once (benchmarks/llama_tools.py).
 --embedding f16 (default) makes llama.cpp keep the (tied) token embedding in F16 like ours, so only the Linears
-differ; `default` leaves llama.cpp its own choice (Q6_K for a tied table) and exports ours with --embedding q6_k.
+differ (q8_0: both in Q8_0, the type AutoRound's GGUF export gives it); `default` leaves llama.cpp its own choice (Q6_K for a tied table) and exports ours with --embedding q6_k.
 AutoRound (`--autoround ITERS,...`; needs .venv-autoround with auto-round 0.16, see below) quantises the llama-format
 fold of the model (muP factors folded into the weights: the same function) to gguf:q4_0 and gguf:q4_k_m.
     python3 -m venv .venv-autoround && .venv-autoround/bin/pip install torch==2.13.0 auto-round==0.16.1 gguf \
@@ -167,7 +167,7 @@ def ours(model: Path, work: Path, method: str, fmt: str, a) -> tuple[Path, float
                             format=None if specs[fmt] else fmt)
         quantize_checkpoint(model, q, opts, force=True)
         stamp.write_text(str(time.time() - t))
-    emb = "f16" if a.embedding == "f16" else "q6_k"
+    emb = "q6_k" if a.embedding == "default" else a.embedding
     folder = work / f"gguf-{q.name}-{emb}"
     if fresh(folder, rep):
         export_ios(q, folder, force=True, embedding=emb)
@@ -241,7 +241,8 @@ def main() -> None:
     ap.add_argument("--llama", default="Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M", help="llama-quantize types")
     ap.add_argument("--ours", default="gptq:q4_0,rtn:q4_0,gptq:q4_1,rtn:q4_1,gptq:q4_k_m,rtn:q4_k_m,gptq:q3_k_m,"
                     "rtn:q3_k_m", help="METHOD:TYPE,... (TYPE: q4_0, q4_1, q4_k_m, q3_k_m)")
-    ap.add_argument("--embedding", choices=("f16", "default"), default="f16")
+    ap.add_argument("--embedding", choices=("f16", "q8_0", "default"), default="f16",
+                    help="the (tied) table's type in every file of ours and llama.cpp's (q8_0: AutoRound's choice)")
     ap.add_argument("--autoround", default="", help="AutoRound runs ITERS[@LR],..., e.g. 0,200 (its default tuning) "
                     "or 50@5e-3 (its auto-round-light recipe); empty: skip")
     ap.add_argument("--autoround-formats", default="gguf:q4_0,gguf:q4_k_m")
@@ -270,7 +271,8 @@ def main() -> None:
     im_seconds = timed(imatrix, [tools["llama-imatrix"], "-m", f16, "-f", calib_txt, "-o", imatrix, "-c", a.seqlen,
                                  "--chunks", a.nsamples, "-t", a.threads, "-b", a.seqlen, "--no-ppl"],
                        work / "logs" / "imatrix.log", f16)
-    keep = ["--token-embedding-type", "f16", "--output-tensor-type", "f16"] if a.embedding == "f16" else []
+    keep = [] if a.embedding == "default" else ["--token-embedding-type", a.embedding, "--output-tensor-type",
+                                                  a.embedding]
     for kind in filter(None, a.llama.split(",")):
         for im in (False, True):
             name = f"llama-{kind}" + ("+imatrix" if im else "")

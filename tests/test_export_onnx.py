@@ -254,6 +254,8 @@ def test_kv_cache_decoding_equals_full_recompute(exported, name):
         logits, past = runner._run(long[a:a + 50], past)
     assert past.arrays[0].shape[2] == 512 and np.abs(logits - runner.logits(long)[-50:]).max() <= TOL
     assert np.abs(past.view(0)).sum() > 0 and not np.abs(past.arrays[0][:, :, len(long):]).any()
+    with pytest.raises(UserError, match="onnxruntime: "):  # 1200 positions: past the rotary tables (1024)
+        runner._run(long * 2, past)
 
 
 def test_right_padded_batch(exported):

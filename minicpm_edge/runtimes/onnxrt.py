@@ -48,8 +48,8 @@ class OnnxRunner:
 
         GroupQueryAttention graphs (no position_ids input) get onnxruntime-genai's shared buffers through io-binding:
         each past_key_values.N is bound as the present.N output too, so the attention writes the new keys and values
-        in place (capacity doubled when full) instead of copying the whole cache every token. Other graphs (MLA) get
-        growing arrays: the cache is then [present arrays]."""
+        in place (capacity doubled when full) instead of copying the whole cache every token; that cache is updated
+        in place, so continue from it once. Other graphs (MLA) get growing arrays: the cache is [present arrays]."""
         if not len(ids):
             raise UserError("no tokens to run")
         ids = check_ids(ids, self.vocab_size, "the ONNX model")
@@ -63,7 +63,10 @@ class OnnxRunner:
             for name, out, value in zip(self.past, self.outputs[1:], cache.values):
                 io.bind_ortvalue_input(name, value)
                 io.bind_ortvalue_output(out, value)
-            self.session.run_with_iobinding(io)
+            try:
+                self.session.run_with_iobinding(io)
+            except Exception as e:  # onnxruntime's own types, e.g. a position past the rotary tables' rows
+                raise UserError(f"onnxruntime: {str(e).splitlines()[0][:300]}") from None
             cache.length += len(ids)
             return io.copy_outputs_to_cpu()[0][0], cache
         if past is None:

@@ -432,3 +432,23 @@ def test_q4_0_head(exported, gptq, tmp_path):
            (("f16", exported("gqa")), ("q4_0", out))}
     head_f32, head_q4 = 4096 * 256 * 4, 4096 * 256 // 2 + 4096 * 8 * 4  # + the lookup's row and shape constants
     assert abs(per["f16"] - per["q4_0"] - (head_f32 - head_q4)) < 1024
+
+
+def test_stack_writes_the_symmetric_zero_for_a_part_without_zero_points():
+    """q|k|v where only one Linear needed zero points: the stacked MatMulNBits carries zero 2^(bits-1) (what an
+    absent input means) for the others' rows, and the same row order for codes, scales and zeros."""
+    from minicpm_edge.export.onnx import _pack, stack
+
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, 16, (n, 2, 32), dtype=np.uint8) for n in (4, 2)]
+    parts = [{"B": _pack(c, 4), "scales": rng.random((len(c), 2), np.float32), "K": 64, "N": len(c), "bits": 4,
+              "block_size": 32} for c in codes]
+    zeros = rng.integers(0, 16, (2, 2), dtype=np.uint8)
+    parts[1]["zero_points"] = _pack(zeros, 4)
+    t = stack(parts)
+    assert t["N"] == 6 and np.array_equal(unpack(t["B"], 4, 64), np.concatenate(codes).reshape(6, 64))
+    assert np.array_equal(t["scales"], np.concatenate([p["scales"] for p in parts]))
+    z = unpack(t["zero_points"], 4, 2)
+    assert (z[:4] == 8).all() and np.array_equal(z[4:], zeros)
+    with pytest.raises(UserError, match="cannot share"):
+        stack([parts[0], {**parts[1], "bits": 8}])

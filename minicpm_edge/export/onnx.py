@@ -296,7 +296,7 @@ class _Graph:
 
 def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, embedding: str = "f16") -> bool:
     """Add the whole decoder to g, reading one tensor at a time. Returns whether any MatMulNBits has zero points."""
-    d, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    d, heads = cfg.head_dim, cfg.num_attention_heads
     zero_points = False
 
     def linear(x, prefix, *more, factor=1.0):

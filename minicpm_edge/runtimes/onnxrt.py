@@ -59,7 +59,7 @@ class OnnxRunner:
             io = self.session.io_binding()
             io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
             io.bind_cpu_input("attention_mask", np.ones((1, cache.length + len(ids)), np.int64))
-            io.bind_output("logits")  # first: copy_outputs_to_cpu follows the binding order
+            io.bind_output("logits")  # first: outputs follow the binding order
             for name, out, value in zip(self.past, self.outputs[1:], cache.values):
                 io.bind_ortvalue_input(name, value)
                 io.bind_ortvalue_output(out, value)
@@ -68,7 +68,7 @@ class OnnxRunner:
             except Exception as e:  # onnxruntime's own types, e.g. a position past the rotary tables' rows
                 raise UserError(f"onnxruntime: {str(e).splitlines()[0][:300]}") from None
             cache.length += len(ids)
-            return io.copy_outputs_to_cpu()[0][0], cache
+            return io.get_outputs()[0].numpy()[0], cache  # the logits only: the cache stays where it is
         if past is None:
             past = [np.zeros([1, *shape[1:]], np.float32) for shape in self.kv_shapes]
         start, n = past[0].shape[2], len(ids)

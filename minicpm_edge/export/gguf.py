@@ -231,14 +231,9 @@ def linear(ckpt: Checkpoint, prefix: str, heads: int | None, qtype) -> np.ndarra
 def embedding_blocks(table: torch.Tensor, qtype) -> np.ndarray:
     """The embedding (or head) table rounded to nearest on our Q8_0 / Q6_K grid (quant/kquant.py, every column
     weighted alike; lower error than llama.cpp's own quantiser of the type, tests/test_kquant.py), as GGML blocks."""
-    from ..quant import QuantSpec, rtn
-    from ..quant.kquant import TYPES, pack
+    from ..quant.kquant import pack, round_table
 
-    rows = []
-    for part in table.split(4096):  # a slice of the table in float32 at a time
-        r = rtn(part.float(), QuantSpec(), block=TYPES[qtype.name])
-        rows.append(pack(r.grid, r.codes))
-    return np.concatenate(rows)
+    return np.concatenate([pack(grid, codes) for grid, codes in round_table(table, qtype.name)])
 
 
 def rope_factors(c) -> dict:

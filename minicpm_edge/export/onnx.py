@@ -168,19 +168,17 @@ HEADS = {"f16": "float32 Gemm on the table as stored", "q8_0": "8-bit MatMulNBit
 def quantized_head(table, kind: str = "q8_0") -> dict:
     """matmulnbits() tensors of a float table [V, hidden] rounded to nearest on our Q8_0 or Q4_0 grid (fp16 d per
     block of 32, codes -2^(b-1)..2^(b-1)-1 stored as code + 2^(b-1), MatMulNBits' default zero), 4096 rows at a time."""
-    from ..quant import QuantSpec, rtn
-    from ..quant.kquant import TYPES
+    from ..quant.kquant import round_table
 
     v, k = table.shape
     if k % 32:
         raise UserError(f"--embedding {kind}: hidden size {k} is not a multiple of 32 (its blocks); use f16")
     bits = 8 if kind == "q8_0" else 4
     B, scales = [], []
-    for part in table.split(4096):
-        r = rtn(part.float(), QuantSpec(), block=TYPES[kind.upper()])
-        codes = (r.codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).numpy()
+    for grid, q in round_table(table, kind.upper()):  # the values `--target ios --embedding q8_0` stores
+        codes = (q + (1 << (bits - 1))).to(torch.uint8).numpy()
         B.append(_pack(codes.reshape(len(codes), k // 32, 32), bits))
-        scales.append(r.grid.d.numpy().astype(np.float32))
+        scales.append(grid.d.numpy().astype(np.float32))
     return {"B": np.concatenate(B), "scales": np.concatenate(scales), "K": k, "N": v, "bits": bits, "block_size": 32}
 
 

@@ -131,6 +131,15 @@ def fit_grid(w: torch.Tensor, t: BlockType, importance: torch.Tensor | None = No
     return BlockGrid(t, view(d), view(dmin), view(sc), view(m))
 
 
+def round_table(table: torch.Tensor, name: str, rows: int = 4096):
+    """A table [V, K] (embedding or head) rounded to nearest on our grid of GGML type `name`, every column weighted
+    alike: (grid, int16 codes) per slice of `rows` rows, so that only one slice is held in float32 at a time."""
+    for part in table.split(rows):
+        w = part.float()
+        grid = fit_grid(w, TYPES[name])
+        yield grid, grid.codes(w).to(torch.int16)
+
+
 def _codes(x, scale, offset, t):
     """Codes and values of x [R, S, L] on per-sub-block scale / offset [R, S]."""
     s, o = scale[..., None], offset[..., None]

@@ -2,7 +2,7 @@
 
   python benchmarks/quality_vs_peers.py --model bundled|smollm2|DIR [--work out/peers] [--chunks 40]
       [--llama Q4_0,Q4_1,Q4_K_M,IQ4_NL,Q3_K_M] [--ours gptq:q4_0,rtn:q4_0,...,gptq:q3_k_m,rtn:q3_k_m]
-      [--embedding f16|default] [--autoround 0,200 | 0,50@5e-3] [--autoround-formats gguf:q4_0,gguf:q4_k_m]
+      [--embedding f16|q8_0|default] [--autoround 0,200 | 0,50@5e-3] [--autoround-formats gguf:q4_0,gguf:q4_k_m]
 
 Every file is scored by llama.cpp's own `llama-perplexity --kl-divergence` against the F16 GGUF of the same model
 (ctx 512, the first --chunks windows of the bundled held-out text, which the calibration set does not contain): mean
@@ -11,7 +11,8 @@ llama.cpp's imatrix is made by `llama-imatrix` from the same calibration text an
 (--nsamples windows of --seqlen tokens of the bundled calibration set, in the same shuffled order). The tools are
 llama.cpp of the installed llama-cpp-python, built once (benchmarks/llama_tools.py).
 --embedding f16 (default) makes llama.cpp keep the (tied) token embedding in F16 like ours, so only the Linears
-differ (q8_0: both in Q8_0, the type AutoRound's GGUF export gives it); `default` leaves llama.cpp its own choice (Q6_K for a tied table) and exports ours with --embedding q6_k.
+differ (q8_0: both in Q8_0, the type AutoRound's GGUF export gives it); `default` leaves llama.cpp its own choice
+(Q6_K for a tied table) and exports ours with --embedding q6_k.
 AutoRound (`--autoround ITERS,...`; needs .venv-autoround with auto-round 0.16, see below) quantises the llama-format
 fold of the model (muP factors folded into the weights: the same function) to gguf:q4_0 and gguf:q4_k_m.
     python3 -m venv .venv-autoround && .venv-autoround/bin/pip install torch==2.13.0 auto-round==0.16.1 gguf \

@@ -40,8 +40,8 @@ def size(path: Path) -> int:
 
 def build(work: Path, model: str, layers: int) -> dict[str, Path]:
     """Our exports (f16, q8_0 and q4_0 heads) and the builder's int4 model of the same checkpoint: the bundled
-    model's GPTQ w4 g32, or a MiniCPM-2B-shaped synthetic one (`layers` decoder layers at the real widths and vocabulary, RTN
-    w4 g32: the codes' values do not matter for speed)."""
+    model's GPTQ w4 g32, or a MiniCPM-2B-shaped synthetic one (`layers` decoder layers at the real widths and
+    vocabulary, RTN w4 g32: the codes' values do not matter for speed)."""
     from minicpm_edge.cli import BUNDLED_MODEL
     from minicpm_edge.model.synthetic import write_synthetic
 

@@ -160,12 +160,14 @@ def ours(model: Path, work: Path, method: str, fmt: str, a) -> tuple[Path, float
     specs = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False), "q4_k_m": None, "q3_k_m": None}
     if fmt not in specs:
         raise SystemExit(f"--ours {method}:{fmt}: ours is one of {', '.join(specs)}")
-    q = work / f"ours-{method}-{fmt}-{a.nsamples}x{a.seqlen}"  # the calibration budget is part of what is kept
+    gptaq = a.gptaq if method == "gptq" else 0.0
+    # the calibration budget and the GPTAQ share are part of what is kept
+    q = work / f"ours-{method}-{fmt}-{a.nsamples}x{a.seqlen}{f'-gptaq{gptaq:g}' if gptaq else ''}"
     rep, stamp = q / "quant_report.json", work / f"{q.name}.seconds"
     if fresh(rep) or not stamp.is_file():
         t = time.time()
         opts = QuantOptions(spec=specs[fmt] or QuantSpec(), method=method, nsamples=a.nsamples, seqlen=a.seqlen,
-                            format=None if specs[fmt] else fmt)
+                            format=None if specs[fmt] else fmt, gptaq=gptaq)
         quantize_checkpoint(model, q, opts, force=True)
         stamp.write_text(str(time.time() - t))
     emb = "q6_k" if a.embedding == "default" else a.embedding
@@ -249,6 +251,8 @@ def main() -> None:
     ap.add_argument("--autoround-formats", default="gguf:q4_0,gguf:q4_k_m")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--gptaq", type=float, default=QuantOptions.gptaq,
+                    help="our GPTQ's --gptaq (share of the correction towards the unquantised model's outputs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="redo quantisations that --work already holds")
     a = ap.parse_args()

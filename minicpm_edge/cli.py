@@ -77,6 +77,10 @@ def quantize(
     search: str = typer.Option("weighted", help="Per-group scale search: weighted (Hessian-diagonal weighted "
                                "rounding error), mse (GPTQ's unweighted clipping search) or max (no search)."),
     mse: bool = typer.Option(False, help="Same as --search mse."),
+    gptaq: float = typer.Option(0.0, help="GPTAQ: each Linear aims at the unquantised model's "
+                                "output (fed the unquantised model's inputs) rather than its own on the quantised "
+                                "model's inputs; the share of that correction, 0 (plain GPTQ) to 1. Runs a second, "
+                                "unquantised stream of hidden states."),
 ):
     """GPTQ int4 group quantisation (or onto llama.cpp's K-quant mixes), layer by layer, on CPU."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,7 +102,8 @@ def quantize(
     mix = fmt if fmt in MIXES else None
     opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method.value, damp=damp, nsamples=nsamples,
                         seqlen=seqlen, calib=calib, order=order, static_groups=static_groups,
-                        search="mse" if mse else search, device=device, compute=compute, format=mix)
+                        search="mse" if mse else search, device=device, compute=compute, format=mix,
+                        gptaq=gptaq if method.value == "gptq" else 0.0)
     grid = mix or f"w{bits}g{group_size}{'' if sym else '-asym'}"
     if out is None:
         out = Path("out") / f"{model.name}-{method.value}-{grid}"

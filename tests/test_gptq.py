@@ -299,3 +299,57 @@ def test_output_error_from_the_solver_loss(case):
     fast, exact = g.output_error(w, r.dequantized, r), g.output_error(w, r.dequantized)
     assert fast == pytest.approx(exact, rel=1e-4)
     assert exact == pytest.approx((out_err(x, w, r.dequantized) / float((x @ w.t()).pow(2).sum())) ** 0.5, rel=1e-3)
+
+
+def test_gptaq_target_is_the_exact_asymmetric_objective(calib):
+    """GPTQ.target: for any Q, ||Q X - W Xn||^2 - ||(Q - W*) X||^2 is one constant (W* = the exact least-squares
+    target, damping ~0), so GPTQ on W* minimises the unquantised-output objective; native inputs equal to the
+    quantised ones give W itself; half the correction is half of it."""
+    x, w, _ = calib
+    xn = x + 0.1 * correlated(seed=5)  # the unquantised model's inputs: the quantised ones plus upstream error
+    g = GPTQ(x.shape[1])
+    for a, b in zip(x.split(512), xn.split(512)):
+        g.add_batch(a, native=b)
+    t = g.target(w, alpha=1.0, damp=1e-9).double()
+    X, Xn, W = x.double(), xn.double(), w.double()
+    consts = []
+    for seed in range(3):
+        Q = W + 0.05 * torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        consts.append(float((X @ Q.t() - Xn @ W.t()).square().sum() - (X @ (Q - t).t()).square().sum()))
+    scale = float((Xn @ W.t()).square().sum())
+    assert max(consts) - min(consts) < 1e-4 * scale, consts
+    half = g.target(w, alpha=0.5, damp=1e-9)
+    assert torch.allclose(half, (w + t.float()) / 2, atol=1e-5)
+    same = GPTQ(x.shape[1])
+    same.add_batch(x, native=x)
+    assert torch.equal(same.target(w), w) and torch.equal(solver(x).target(w), w)  # no native inputs: W
+
+
+def test_gptaq_beats_gptq_on_its_objective(calib):
+    """Quantising W* rather than W lowers the error against the unquantised outputs, ||Q X - W Xn||."""
+    x, w, _ = calib
+    drift = torch.randn(x.shape[1], x.shape[1], generator=torch.Generator().manual_seed(7)) / x.shape[1] ** 0.5
+    xn = x + 0.1 * x @ drift  # upstream error that the quantised inputs still carry the trace of
+    g = GPTQ(x.shape[1])
+    g.add_batch(x, native=xn)
+    spec = QuantSpec(4, 32, True)
+    plain = g.quantize(w, spec, act_order=True, static_groups=True).dequantized
+    aq = g.quantize(g.target(w), spec, act_order=True, static_groups=True).dequantized
+    err = [float((x @ q.t() - xn @ w.t()).square().sum()) for q in (plain, aq)]
+    assert err[1] < 0.7 * err[0], err
+
+
+def test_gptaq_batches_must_agree(calib):
+    x, _, _ = calib
+    g = GPTQ(x.shape[1])
+    g.add_batch(x[:64], native=x[:64])
+    with pytest.raises(UserError, match="every calibration batch or with none"):
+        g.add_batch(x[64:128])
+    with pytest.raises(UserError, match="do not match"):
+        g.add_batch(x[64:128], native=x[:32])
+    masked = GPTQ(x.shape[1])
+    mask = torch.arange(128) % 3 != 0
+    masked.add_batch(x[:128], mask, native=x[:128] * 1.1)
+    ref = GPTQ(x.shape[1])
+    ref.add_batch(x[:128][mask], native=x[:128][mask] * 1.1)
+    assert torch.allclose(masked.dXXt, ref.dXXt) and masked.n == ref.n

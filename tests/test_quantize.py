@@ -244,3 +244,32 @@ def test_sharded_output_equals_single_file(bundled, quantized, tmp_path, monkeyp
         merged.update(load_file(str(out / f)))
     single = load_file(str(quantized[0] / "model.safetensors"))
     assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
+
+
+def heldout_kl(ref_dir, q_dir) -> float:
+    ref, q = load_model(Checkpoint(ref_dir)), load_model(Checkpoint(q_dir))
+    tok = Tokenizer(ref_dir / "tokenizer.model")
+    ids = torch.tensor(calib.token_stream(tok, calib.heldout_documents())[:2048]).view(8, 256)
+    with torch.no_grad():
+        a, b = ref(ids)[0].log_softmax(-1), q(ids)[0].log_softmax(-1)
+    return float((a.exp() * (a - b)).sum(-1).mean())
+
+
+def test_gptaq_matches_the_unquantised_model_better(bundled, quantized, tmp_path):
+    """--gptaq 1: each Linear aims at the unquantised model's outputs. On held-out text the whole model's KL to the
+    unquantised one drops (measured 0.0018 -> 0.0015 at 32 x 256 calibration); the report says the share; a run
+    stopped after a layer resumes from both streams bit-identically."""
+    full = quantize_checkpoint(bundled, tmp_path / "aq", QuantOptions(gptaq=1.0, **FAST))
+    assert heldout_kl(bundled, full) < 0.92 * heldout_kl(bundled, quantized[0])
+    assert json.loads((full / "quant_report.json").read_text())["gptaq"] == 1.0
+    quantize_checkpoint(bundled, tmp_path / "r", QuantOptions(gptaq=1.0, **FAST), stop_after=1)
+    assert set(load_file(str(tmp_path / ".r.work" / "hidden_0001.safetensors"))) == {"h", "native"}
+    with pytest.raises(UserError, match="other settings"):
+        quantize_checkpoint(bundled, tmp_path / "r", QuantOptions(gptaq=0.5, **FAST), resume=True)
+    resumed = quantize_checkpoint(bundled, tmp_path / "r", QuantOptions(gptaq=1.0, **FAST), resume=True)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    for bad, msg in ((dict(gptaq=1.5), "--gptaq 1.5: give a share"), (dict(gptaq=0.5, method="rtn"), "needs --method gptq")):
+        with pytest.raises(UserError, match=msg):
+            quantize_checkpoint(bundled, tmp_path / "x", QuantOptions(**bad, **FAST))
+    assert not (tmp_path / "x").exists()

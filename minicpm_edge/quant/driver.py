@@ -7,6 +7,7 @@ groups already quantised, and the next layer's inputs are the outputs of the qua
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ class QuantOptions:
     compute: str = "auto"  # layer forwards and Hessian products: fp32, bf16 or auto (the solver is always fp32)
     batch: int = 8  # calibration samples per forward chunk
     seed: int = 0
+    gptaq: float = 0.0  # GPTAQ: each Linear aims at the unquantised model's output, this share of the correction
     format: str | None = None  # a llama.cpp mix (kquant.MIXES: GGML blocks per Linear, `spec` unused) or None (GPTQ v1)
 
     @property
@@ -93,6 +95,10 @@ def quantize_checkpoint(model_dir: Path, out: Path, opts: QuantOptions, resume: 
             raise UserError(f"--order {opts.order!r}: choose {', '.join(ORDERS)}")
         if opts.format is not None and opts.format not in MIXES:
             raise UserError(f"--format {opts.format!r}: choose {', '.join(FORMATS)}")
+        if not 0 <= opts.gptaq <= 1:
+            raise UserError(f"--gptaq {opts.gptaq:g}: give a share of the correction from 0 (off) to 1")
+        if opts.gptaq and opts.method != "gptq":
+            raise UserError("--gptaq changes GPTQ's target; it needs --method gptq")
         _check_device(opts.device)
         if opts.compute == "auto":
             opts = replace(opts, compute=auto_compute(opts.device))
@@ -156,28 +162,32 @@ def _quantize_layers(ckpt: Checkpoint, tokens: torch.Tensor, work: Path, opts: Q
     cos, sin = (t.to(dev) for t in rope_tables(cfg, torch.arange(opts.seqlen)))
 
     start = state["layers_done"]
+    gptaq = opts.method == "gptq" and opts.gptaq > 0  # a second, unquantised stream of hidden states
     if start == 0:
         emb = ckpt.tensor("model.embed_tokens.weight", None)  # original dtype: never the whole table in fp32
         h = emb[tokens].to(dev, torch.float32) * cfg.embedding_scale
         del emb
         ckpt.drop_maps()  # the table was read through a memory map: unmap it
+        native = h.clone() if gptaq else None
     else:
         try:
-            h = load_file(str(_hidden_path(work, start)))["h"].to(dev)
+            saved = load_file(str(_hidden_path(work, start)))
+            h, native = saved["h"].to(dev), saved["native"].to(dev) if gptaq else None
         except (SafetensorError, OSError, KeyError) as e:
             raise UserError(f"{work}: the interrupted run's hidden states are unreadable ({_short(e)}); "
                             "start over with --force") from None
     for i in range(start, cfg.num_hidden_layers):
         t0 = time.time()
         layer = load_layer(ckpt, i).to(dev)
-        records, report, h = quantize_layer(layer, h, cos, sin, opts, (i, cfg.num_hidden_layers))
+        records, report, h = quantize_layer(layer, h, cos, sin, opts, (i, cfg.num_hidden_layers), native)
         report.update(layer=i, seconds=round(time.time() - t0, 3))
         tensors = {f"model.layers.{i}.{m}.{s}": t.cpu() for m, r in records.items() for s, t in r.tensors().items()}
         for norm in cfg.norm_shapes():
             name = f"model.layers.{i}.{norm}.weight"
             tensors[name] = ckpt.tensor(name, None)
         _atomic_save(tensors, work / f"layer_{i:04d}.safetensors")
-        _atomic_save({"h": h.cpu().contiguous()}, _hidden_path(work, i + 1))
+        streams = {"h": h} if native is None else {"h": h, "native": native}
+        _atomic_save({k: t.cpu().contiguous() for k, t in streams.items()}, _hidden_path(work, i + 1))
         state["layers_done"] = i + 1
         state["report"].append(report)
         _atomic_json(state, work / "state.json")  # the commit point: until here a resume redoes layer i
@@ -226,9 +236,11 @@ def auto_compute(device: str) -> str:
 
 
 def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOptions,
-                   position: tuple[int, int] = (0, 1)):
+                   position: tuple[int, int] = (0, 1), native: torch.Tensor | None = None):
     """Quantise one decoder layer in place, true-sequentially. Returns (records, report, output hidden states).
     `position`: (layer index, number of layers), which llama.cpp's mixes (opts.format) choose each Linear's type by.
+    `native`: the unquantised model's hidden states entering the layer (opts.gptaq > 0: each Linear aims at the
+    unquantised model's output, GPTQ.target); advanced through the unquantised layer in place.
 
     The residual stream h stays float32; with opts.compute "bf16" the layer's modules and the Hessian products run
     in bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX), while each solver sees the float32 weights.
@@ -239,7 +251,7 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     originals = {name: layer.get_submodule(name).weight.data for group in groups for name in group}
     layer = layer.to(dt)
     cos, sin = cos.to(dt), sin.to(dt)
-    attn, mlp = layer.self_attn, layer.mlp
+    fp = copy.deepcopy(layer) if native is not None else None  # the unquantised layer, for the native stream
     n = h.shape[0]
     chunks = [slice(s, min(s + opts.batch, n)) for s in range(0, n, opts.batch)]
     probe = slice(0, min(8, n))
@@ -253,6 +265,7 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
             w = originals.pop(name)
             block = TYPES[mix_type(opts.format, name, *position, w.shape[1])] if opts.format else None
             if opts.method == "gptq":
+                w = hessian.target(w, opts.gptaq, opts.damp) if native is not None else w
                 r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **opts.column_order)
             else:
                 r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H), block=block)
@@ -264,50 +277,67 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
             records[name] = GGMLLinear.from_result(r) if block else QuantizedLinear.from_result(r, opts.spec)
             layer.get_submodule(name).weight.data = r.dequantized.to(dt)
 
-    def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list[torch.Tensor]]:
-        """Hessian of the inputs fn(x) over all chunks x of h; the inputs themselves only when `keep`."""
+    def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list, list]:
+        """Hessian of the inputs fn(layer, x) over all chunks x of h (with the native stream's through the
+        unquantised layer, for GPTQ.target); the inputs themselves only when `keep`."""
         H = GPTQ(k, h.device)
-        kept = []
+        kept, kept_native = [], []
         with torch.no_grad():
             for c in chunks:
-                x = fn(h[c].to(dt))
-                H.add_batch(x)
+                x = fn(layer, h[c].to(dt))
+                xn = fn(fp, native[c].to(dt)) if native is not None else None
+                H.add_batch(x, native=xn)
                 if keep:
                     kept.append(x)
-        return H, kept
+                    kept_native.append(xn)
+        return H, kept, kept_native
+
+    def residual(stream: torch.Tensor, c: slice, out: torch.Tensor) -> None:
+        stream[c] = stream[c] + out * layer.residual_scale
 
     hidden = layer.input_layernorm.weight.shape[0]
     # [q, k, v] (MLA: [q_a, kv_a_with_mqa]) share one input
-    H, _ = collect(hidden, layer.input_layernorm)
+    H, _, _ = collect(hidden, lambda m, x: m.input_layernorm(x))
     solve(groups[0], H)
     del H
     if mla:  # q_b and kv_b: the normed latents of the quantised q_a / kv_a
-        H, _ = collect(attn.q_b_proj.in_features, lambda x: attn.q_latent(layer.input_layernorm(x)))
+        H, _, _ = collect(layer.self_attn.q_b_proj.in_features,
+                          lambda m, x: m.self_attn.q_latent(m.input_layernorm(x)))
         solve(groups[1][:1], H)
-        H, _ = collect(attn.kv_b_proj.in_features, lambda x: attn.kv_latent(layer.input_layernorm(x))[0])
+        H, _, _ = collect(layer.self_attn.kv_b_proj.in_features,
+                          lambda m, x: m.self_attn.kv_latent(m.input_layernorm(x))[0])
         solve(groups[1][1:], H)
         del H
         groups = groups[1:]
     # o sees attention computed with quantised q, k, v
-    H, mixed = collect(attn.o_proj.in_features, lambda x: attn.mix(layer.input_layernorm(x), cos, sin)[0], keep=True)
+    H, mixed, mixed_fp = collect(layer.self_attn.o_proj.in_features,
+                                 lambda m, x: m.self_attn.mix(m.input_layernorm(x), cos, sin)[0], keep=True)
     solve(groups[1], H)
     with torch.no_grad():
-        for c, m in zip(chunks, mixed):
-            h[c] = h[c] + attn.o_proj(m) * layer.residual_scale  # h now holds the mid-layer residual stream
-    del mixed
+        for i, c in enumerate(chunks):  # the streams now hold the mid-layer residual
+            residual(h, c, layer.self_attn.o_proj(mixed[i]))
+            if native is not None:
+                residual(native, c, fp.self_attn.o_proj(mixed_fp[i]))
+    del mixed, mixed_fp
     # [gate, up] share the post-attention norm's output
-    H, _ = collect(hidden, layer.post_attention_layernorm)
+    H, _, _ = collect(hidden, lambda m, x: m.post_attention_layernorm(x))
     solve(groups[2], H)
     # down's inputs (intermediate-sized, the largest activations) are kept for the residual update when they fit in
     # KEEP_BYTES (saving a second pass through gate and up), recomputed otherwise
-    keep = n * h.shape[1] * mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
-    H, acts = collect(mlp.down_proj.in_features, lambda x: mlp.hidden(layer.post_attention_layernorm(x)), keep=keep)
+    streams = 1 if native is None else 2
+    keep = streams * n * h.shape[1] * layer.mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
+
+    def act(m, x):
+        return m.mlp.hidden(m.post_attention_layernorm(x))
+
+    H, acts, acts_fp = collect(layer.mlp.down_proj.in_features, act, keep=keep)
     solve(groups[3], H)
     with torch.no_grad():
         for i, c in enumerate(chunks):
-            a = acts[i] if keep else mlp.hidden(layer.post_attention_layernorm(h[c].to(dt)))
-            h[c] = h[c] + mlp.down_proj(a) * layer.residual_scale
-    del acts
+            residual(h, c, layer.mlp.down_proj(acts[i] if keep else act(layer, h[c].to(dt))))
+            if native is not None:
+                residual(native, c, fp.mlp.down_proj(acts_fp[i] if keep else act(fp, native[c].to(dt))))
+    del acts, acts_fp, fp
     # the layer's relative output error on the probe samples: |out_q - out| / |out - in| (of what the layer adds)
     branch = (reference - probe_in).norm()
     rel = float((h[probe] - reference).norm() / branch) if branch > 0 else 0.0
@@ -413,7 +443,7 @@ def _assemble(ckpt: Checkpoint, work: Path, out: Path, opts: QuantOptions, state
     layers = state["report"]
     report = {"model": str(ckpt.dir), "method": opts.method, "format": opts.format or "gptq", "bits": opts.spec.bits,
               "group_size": opts.spec.group_size, "sym": opts.spec.sym, "damp": opts.damp,
-              "order": opts.order if opts.method == "gptq" else None, "search": opts.search, "compute": opts.compute,
+              "gptaq": opts.gptaq if opts.method == "gptq" else None, "order": opts.order if opts.method == "gptq" else None, "search": opts.search, "compute": opts.compute,
               "calibration": {"source": opts.calib or "bundled", "nsamples": opts.nsamples, "seqlen": opts.seqlen},
               "totals": {"seconds": round(seconds, 2), "layer_seconds": round(sum(r["seconds"] for r in layers), 2),
                          "mean_layer_rel_error": sum(r["rel_error"] for r in layers) / len(layers)},

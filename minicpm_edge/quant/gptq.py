@@ -43,17 +43,27 @@ class GPTQ:
         self.k = in_features
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        self.dXXt = None  # GPTAQ: (2/n) sum (x_native - x) x^T, when add_batch is given the unquantised model's inputs
         self._factored = None  # (H it was computed from, key, _factor's result): shared by Linears on the same inputs
 
-    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count."""
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None, native: torch.Tensor | None = None) -> None:
+        """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count.
+        `native`: the same tokens' inputs in the unquantised model (shape of x), for `target` (GPTAQ): every batch
+        of a Hessian gives them or none does."""
         if x.shape[-1] != self.k:
             raise UserError(f"calibration activations have {x.shape[-1]} features, the layer expects {self.k}")
         x = x.detach().reshape(-1, self.k).to(self.H.device)
         if x.dtype != torch.bfloat16:
             x = x.float()
+        if native is not None:
+            if native.shape[-1] != self.k or native.numel() != x.numel():
+                raise UserError("the unquantised model's activations do not match the quantised model's")
+            native = native.detach().reshape(-1, self.k).to(x.device, x.dtype)
+        if (native is None) != (self.dXXt is None) and self.n:
+            raise UserError("give the unquantised model's inputs with every calibration batch or with none")
         if mask is not None:
-            x = x[mask.reshape(-1).to(x.device, torch.bool)]
+            keep = mask.reshape(-1).to(x.device, torch.bool)
+            x, native = x[keep], None if native is None else native[keep]
         m = x.shape[0]
         if m == 0:
             return
@@ -74,6 +84,35 @@ class GPTQ:
                 self.H[a:b, :b].mul_(beta).add_((x[:, a:b].t() @ x[:, :b]).float(), alpha=alpha)
         for a, b in zip(edges[1:-1], edges[2:]):
             self.H[:a, a:b].copy_(self.H[a:b, :a].t())
+        if native is not None:  # not symmetric: one full product
+            if self.dXXt is None:
+                self.dXXt = torch.zeros_like(self.H)
+            d = (native - x).t() @ x
+            self.dXXt.mul_(beta).add_(d.float(), alpha=alpha)
+
+    def target(self, weight: torch.Tensor, alpha: float = 1.0, damp: float = 0.01) -> torch.Tensor:
+        """The weight GPTQ should aim at so that its quantised Linear, fed the quantised model's inputs X, matches
+        the unquantised Linear fed the unquantised model's inputs Xn (GPTAQ's asymmetric calibration).
+
+        min_Q ||Q X - W Xn||^2 = ||(Q - W*) X||^2 + const exactly, for W* = W Xn X^T (X X^T)^-1; with GPTQ's
+        damping lambda as a pull towards W, W* = W + W dXX^T (H + lambda I)^-1, dXX^T = (Xn - X) X^T. `alpha`
+        scales the correction (0: W itself, plain GPTQ; 1: the whole of it). Without native inputs: W."""
+        W = weight.detach().to(self.H.device, torch.float32)
+        if self.dXXt is None or alpha == 0:
+            return W
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        H.diagonal().add_(damp * float(torch.diag(H).mean()))
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            raise UserError("the calibration Hessian is not positive definite; give more or more varied calibration "
+                            "text, or a larger --damp")
+        # (W dXX^T) H^-1 = (H^-1 (dXX^T)^T W^T)^T, H symmetric
+        corr = torch.cholesky_solve((W @ self.dXXt).t().contiguous(), L).t()
+        W = W + alpha * corr
+        W[:, dead] = 0
+        return W
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, damp: float = 0.01, blocksize: int = 128,
                  act_order: bool = False, static_groups: bool = False, search: str = "weighted",

@@ -353,3 +353,13 @@ def test_gptaq_batches_must_agree(calib):
     ref = GPTQ(x.shape[1])
     ref.add_batch(x[:128][mask], native=x[:128][mask] * 1.1)
     assert torch.allclose(masked.dXXt, ref.dXXt) and masked.n == ref.n
+
+
+def test_gptaq_target_damps_more_when_the_hessian_is_singular():
+    """A rank-deficient Hessian (fewer tokens than features) with no damping: the target grows the damping as the
+    solver does instead of failing, and stays finite."""
+    g = GPTQ(64)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    g.add_batch(x, native=x * 1.05)
+    t = g.target(torch.randn(8, 64), alpha=1.0, damp=0.0)
+    assert torch.isfinite(t).all()

@@ -103,11 +103,15 @@ class GPTQ:
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
-        H.diagonal().add_(damp * float(torch.diag(H).mean()))
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:
-            raise UserError("the calibration Hessian is not positive definite; give more or more varied calibration "
-                            "text, or a larger --damp")
+        mean_diag, d = float(torch.diag(H).mean()), damp
+        for _ in range(DAMP_TRIES):  # as _inverse_cholesky: damping x10 per failed factorisation
+            L, info = torch.linalg.cholesky_ex(H + d * mean_diag * torch.eye(self.k, device=H.device))
+            if int(info) == 0:
+                break
+            d = 0.01 if d == 0 else d * 10
+        else:
+            raise UserError("the calibration Hessian is not positive definite even with damping "
+                            f"{d / 10:g}; give more or more varied calibration text")
         # (W dXX^T) H^-1 = (H^-1 (dXX^T)^T W^T)^T, H symmetric
         corr = torch.cholesky_solve((W @ self.dXXt).t().contiguous(), L).t()
         W = W + alpha * corr

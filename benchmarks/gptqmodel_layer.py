@@ -7,7 +7,8 @@ venv, with GPTQModel (the checkpoint re-labelled GraniteForCausalLM, which gptqm
 which computes MiniCPM's muP math), both w4 g32 symmetric, damp 0.01, on identical token ids; gptqmodel with its
 defaults otherwise (act_group_aware on, i.e. GAR column order; model dtype bfloat16 on any CPU, so its layer forwards
 run in bf16, fast only where the CPU has AVX512-BF16 or AMX; --peer-dtype float32 makes them fp32). Ours runs once
-per --ours setting: COMPUTE[:ORDER], compute fp32 or bf16, --order act (default), gar or natural. Prints seconds for the layer, the speed ratios,
+per --ours setting: COMPUTE[:ORDER], compute fp32 or bf16, --order act (default), gar or natural; with --gptaq 0
+(plain GPTQ, like gptqmodel's default) unless --gptaq says otherwise. Prints seconds for the layer, the speed ratios,
 and each module's relative output error on the layer's real inputs, measured the same way for every checkpoint by
 our reader.
 
@@ -53,7 +54,7 @@ model.save(out)
 
 
 BLOCKSIZE = 128  # GPTQ.quantize's default block size, for the solver's floor
-PHASES = ("forwards", "probe", "hessians", "cholesky", "grid", "solver", "error", "packing", "io", "setup")
+PHASES = ("forwards", "probe", "hessians", "target", "cholesky", "grid", "solver", "error", "packing", "io", "setup")
 
 
 def floor_flops(c, tokens: int, seqlen: int, blocksize: int = BLOCKSIZE) -> dict[str, float]:
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--ours", default="fp32,bf16,bf16:gar,bf16:natural", help="our settings COMPUTE[:ORDER], comma-separated")
     ap.add_argument("--rounds", type=int, default=1, help="repeat ours and the peer alternately this many times")
     ap.add_argument("--no-peer", action="store_true", help="ours (and the floor) only")
+    ap.add_argument("--gptaq", type=float, default=0.0, help="our --gptaq (default 0: plain GPTQ, the algorithm "
+                    "gptqmodel runs by default; its GPTAQ is v2=True); our default 0.5 adds the unquantised "
+                    "stream's forwards and the cross products")
     ap.add_argument("--peer-dtype", default="auto", help="gptqmodel's model dtype: auto (its choice: bfloat16 on any "
                     "CPU) or float32 (its layer forwards in fp32 like ours at --compute fp32)")
     a = ap.parse_args()
@@ -149,7 +153,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "phases.py"), str(root / "phases.json"),
                             "quantize", str(model), "--out", str(root / setting),
                             "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--compute", compute,
-                            "--order", order or "act"],
+                            "--order", order or "act", "--gptaq", str(a.gptaq)],
                            check=True, capture_output=True)
             seconds = json.loads((root / setting / "quant_report.json").read_text())["layers"][0]["seconds"]
             ours[setting].append((seconds, time.time() - t0, json.loads((root / "phases.json").read_text())))

@@ -5,9 +5,10 @@
 Wraps the functions each phase runs in with timers, runs the CLI in this process and writes {phase: seconds} to
 OUT.json. Each phase counts its own time only (time in a wrapped function it calls goes to that function's phase):
   forwards   quantize_layer less everything below: the calibration forwards of each true-sequential group and the
-             residual updates (plus a little glue: slicing, dtype casts)
+             residual updates, of both streams with GPTAQ (plus a little glue: slicing, dtype casts)
   probe      the unquantised reference forward on a few samples, for the report's layer error
-  hessians   GPTQ.add_batch (X^T X, the finiteness check, the running average)
+  hessians   GPTQ.add_batch (X^T X, the finiteness check, the running average; with GPTAQ also (Xn - X)^T X)
+  target     GPTQ.target (GPTAQ's corrected weight: one Cholesky solve per Linear)
   cholesky   the damped Cholesky factorisation and the inverse's upper factor
   grid       the grid search (group_params, find_params)
   solver     GPTQ.quantize less cholesky and grid: the column loop and its block updates
@@ -61,6 +62,7 @@ def install() -> dict[str, float]:
     G.add_batch = timed("hessians", G.add_batch)
     G.quantize = timed("solver", G.quantize)
     G.output_error = timed("error", G.output_error)
+    G.target = timed("target", G.target)
     gptq._inverse_cholesky = timed("cholesky", gptq._inverse_cholesky)
     gptq.find_params = timed("grid", gptq.find_params)
     gptq.group_params = timed("grid", gptq.group_params)

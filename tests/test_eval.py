@@ -27,7 +27,9 @@ from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
 #   RTN  w4 g32: drift +0.36% / +0.49%; KL GPTQ 0.0021 vs RTN 0.0067 (gptq convention)
 #   w3 g32 (gptq convention): KL GPTQ 0.0102 vs RTN 0.0310, top-1 0.898 vs 0.800
 MAX_DRIFT = 0.01  # about 3x the measured |drift| (-0.35% with the weighted grid search; -0.16% before it)
-KL_RATIO = 0.8  # GPTQ KL / RTN KL at w3 g32 must be below this (measured 0.35 with the weighted grid search)
+# GPTQ KL / RTN KL at w3 g32 must be below this: measured 0.27 (GPTAQ 0.5, the default), 0.35 plain GPTQ; a GPTQ
+# without error updates measured 0.62 (RTN of GPTAQ's target) and 1.0 (plain)
+KL_RATIO = 0.5
 
 
 class Table:
@@ -207,8 +209,8 @@ def test_gate_fails_when_scales_flip_sign(gate, tmp_path):
 
 
 def test_gate_fails_without_error_updates(bundled, gate, tmp_path, monkeypatch):
-    """A GPTQ that skips the Hessian error updates is RTN under another name (the same Hessian-weighted grid search):
-    the KL half of the gate catches it."""
+    """A GPTQ that skips the Hessian error updates is RTN (of GPTAQ's target) under another name (the same
+    Hessian-weighted grid search): the KL half of the gate catches it."""
     monkeypatch.setattr(gptq.GPTQ, "quantize",
                         lambda self, w, spec, damp=0.01, **kw: gptq.rtn(w, spec, importance=self.H.diagonal()))
     lazy = quantize_checkpoint(bundled, tmp_path / "lazy", QuantOptions(spec=QuantSpec(3, 32)))

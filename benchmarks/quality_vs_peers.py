@@ -305,7 +305,9 @@ def main() -> None:
                 files[f"autoround-{fmt[5:]}-iters{iters}"] = autoround(folded, work, fmt, int(iters), lr, a, ids)
     rows = {"F16": {"file": str(f16), **tensor_info(f16), "seconds": None}}
     for name, (path, seconds) in files.items():
-        r = score(tools, path, base, a.chunks, a.threads, work / "logs" / f"score-{name}.log")
+        # one log per scored file (a row's name is the same for every --embedding and --gptaq: its log is not)
+        key = str(Path(path).resolve().relative_to(work.resolve())).replace("/", "__")
+        r = score(tools, path, base, a.chunks, a.threads, work / "logs" / f"score-{key}.log")
         rows[name] = {"file": str(path), **tensor_info(path), "seconds": seconds, **r}
         console.print(f"{name}: KLD {r['kld']:.5f} ±{r['kld_se']:.5f}, PPL ratio {r['ppl_ratio']:.4f}, "
                       f"same top-1 {r['same_top']:.4f}")

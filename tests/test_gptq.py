@@ -363,3 +363,18 @@ def test_gptaq_target_damps_more_when_the_hessian_is_singular():
     g.add_batch(x, native=x * 1.05)
     t = g.target(torch.randn(8, 64), alpha=1.0, damp=0.0)
     assert torch.isfinite(t).all()
+
+
+def test_gptaq_target_factorises_once_per_hessian(calib, monkeypatch):
+    """q, k, v (and gate, up) read one Hessian: target factorises it once, again only after H changes."""
+    x, w, _ = calib
+    g = GPTQ(x.shape[1])
+    g.add_batch(x[:512], native=x[:512] * 1.02)
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = g.target(w)
+    assert torch.equal(g.target(w), first) and len(calls) == 1
+    g.add_batch(x[512:1024], native=x[512:1024] * 1.02)
+    g.target(w)
+    assert len(calls) == 2

@@ -45,6 +45,7 @@ class GPTQ:
         self.n = 0
         self.dXXt = None  # GPTAQ: (2/n) sum (x_native - x) x^T, when add_batch is given the unquantised model's inputs
         self._factored = None  # (H it was computed from, key, _factor's result): shared by Linears on the same inputs
+        self._target_factor = None  # (key, Cholesky factor of the damped H, dead inputs) for target
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None, native: torch.Tensor | None = None) -> None:
         """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count.
@@ -100,18 +101,22 @@ class GPTQ:
         W = weight.detach().to(self.H.device, torch.float32)
         if self.dXXt is None or alpha == 0:
             return W
-        H = self.H.clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        mean_diag, d = float(torch.diag(H).mean()), damp
-        for _ in range(DAMP_TRIES):  # as _inverse_cholesky: damping x10 per failed factorisation
-            L, info = torch.linalg.cholesky_ex(H + d * mean_diag * torch.eye(self.k, device=H.device))
-            if int(info) == 0:
-                break
-            d = 0.01 if d == 0 else d * 10
-        else:
-            raise UserError("the calibration Hessian is not positive definite even with damping "
-                            f"{d / 10:g}; give more or more varied calibration text")
+        key = (self.H._version, self.dXXt._version, damp)  # the Linears on one Hessian share one factorisation
+        if self._target_factor is None or self._target_factor[0] != key:
+            H = self.H.clone()
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1
+            mean_diag, d = float(torch.diag(H).mean()), damp
+            for _ in range(DAMP_TRIES):  # as _inverse_cholesky: damping x10 per failed factorisation
+                L, info = torch.linalg.cholesky_ex(H + d * mean_diag * torch.eye(self.k, device=H.device))
+                if int(info) == 0:
+                    break
+                d = 0.01 if d == 0 else d * 10
+            else:
+                raise UserError("the calibration Hessian is not positive definite even with damping "
+                                f"{d / 10:g}; give more or more varied calibration text")
+            self._target_factor = (key, L, dead)
+        _, L, dead = self._target_factor
         # (W dXX^T) H^-1 = (H^-1 (dXX^T)^T W^T)^T, H symmetric
         corr = torch.cholesky_solve((W @ self.dXXt).t().contiguous(), L).t()
         W = W + alpha * corr

@@ -10,7 +10,7 @@ OUT.json. Each phase counts its own time only (time in a wrapped function it cal
   hessians   GPTQ.add_batch (X^T X, the finiteness check, the running average; with GPTAQ also (Xn - X)^T X)
   target     GPTQ.target (GPTAQ's corrected weight: one Cholesky solve per Linear)
   cholesky   the damped Cholesky factorisation and the inverse's upper factor
-  grid       the grid search (group_params, find_params)
+  grid       the grid search (group_params, find_params; kquant.fit_grid for the GGML block grids)
   solver     GPTQ.quantize less cholesky and grid: the column loop and its block updates
   error      GPTQ.output_error, the report's per-module error
   packing    QuantizedLinear.from_result and to_gptq
@@ -66,6 +66,7 @@ def install() -> dict[str, float]:
     gptq._inverse_cholesky = timed("cholesky", gptq._inverse_cholesky)
     gptq.find_params = timed("grid", gptq.find_params)
     gptq.group_params = timed("grid", gptq.group_params)
+    gptq.fit_grid = timed("grid", gptq.fit_grid)  # the GGML block grids (kquant.py)
     Q = format.QuantizedLinear
     Q.from_result = classmethod(timed("packing", Q.from_result.__func__))
     Q.to_gptq = timed("packing", Q.to_gptq)

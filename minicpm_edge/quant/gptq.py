@@ -167,6 +167,10 @@ class GPTQ:
         group = torch.tensor([c // glen for c in order], device=dev)  # group of each processed column
         codes, Q = torch.empty_like(Wt), torch.empty_like(Wt)
         losses = torch.zeros(n_out, device=dev)
+        if grid is not None:  # each column's scale and offset as contiguous rows in processing order; a zero scale
+            cols = torch.tensor(order, device=dev) // block.sub  # divides to code 0, as BlockGrid.codes gives it
+            g_scale, g_offset = grid.scale.t()[cols].contiguous(), grid.offset.t()[cols].contiguous()
+            g_div = torch.where(g_scale == 0, torch.full_like(g_scale, math.inf), g_scale)
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
             W1, U1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1: a view, updated in place
@@ -174,10 +178,11 @@ class GPTQ:
             with one_thread(dev):  # one row per step: threads would only add synchronisation
                 for j in range(i2 - i1):
                     c, w = order[i1 + j], W1[j]
-                    if grid is not None:  # a GGML block grid: codes and values per column
-                        codes[i1 + j] = q = grid.codes(w, c)
-                        Q[i1 + j] = grid.values(q, c)
-                        torch.sub(w, Q[i1 + j], out=Err1[j]).div_(U1[j, j])
+                    if grid is not None:  # a GGML block grid: BlockGrid.codes and .values, per column
+                        q, i = codes[i1 + j], i1 + j
+                        torch.add(w, g_offset[i], out=q).div_(g_div[i]).round_().clamp_(block.lo, block.hi)
+                        torch.mul(g_scale[i], q, out=Q[i]).sub_(g_offset[i])
+                        torch.sub(w, Q[i], out=Err1[j]).div_(U1[j, j])
                     else:
                         g = c // glen
                         if not static and (i1 + j) % glen == 0:  # entering a group (contiguous): its columns as updated

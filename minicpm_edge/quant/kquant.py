@@ -147,15 +147,31 @@ def _codes(x, scale, offset, t):
     return q, s * q - o
 
 
-def _err(x, iw, scale, offset, t):
-    _, v = _codes(x, scale, offset, t)
-    return ((v - x) ** 2 * iw).sum(dim=(-1, -2))
+def _code_sums(x, iw, iwx, scale, offset, t):
+    """Weighted sums over the last axis of the nearest codes q of x [..., L] on scale / offset [...]: Sq (None for
+    types without an offset), Sqq, Sqx; iwx = iw * x. With the data's own Sw, Sx, Sxx they give the weighted error of
+    value = s q - o for any (s, o) on those codes."""
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)[..., None]
+    q = (torch.addcmul(offset[..., None] * inv, x, inv) if t.has_min else x * inv).round_().clamp_(t.lo, t.hi)
+    dot = lambda a, b: torch.linalg.vecdot(a, b, dim=-1)  # noqa: E731  (no temporary for the product)
+    return (dot(q, iw) if t.has_min else None), dot(iw * q, q), dot(q, iwx)
+
+
+def _sq_err(s, o, sums, data):
+    """sum iw (s q - o - x)^2 from the code sums and the data sums (sw, sx, sxx)."""
+    sq, sqq, sqx = sums
+    sw, sx, sxx = data
+    if sq is None:  # no offset
+        return s * s * sqq - 2 * s * sqx + sxx
+    return s * s * sqq - 2 * s * o * sq + o * o * sw - 2 * s * sqx + 2 * o * sx + sxx
 
 
 def _fit_sub(x, iw, t):
     """Float (scale, offset) per row of x [R, L]: the lowest weighted error over CANDIDATES, each refitted by weighted
-    least squares on its codes."""
-    x3, iw3 = x[:, None], iw[:, None]
+    least squares on its codes. A try and its refit are judged from one rounding's code sums; the refit, judged on the
+    codes it was fitted to, can only gain from re-rounding."""
+    iwx = iw * x
+    data = iw.sum(1), iwx.sum(1), torch.linalg.vecdot(iwx, x, dim=-1)
     if t.has_min:
         lo = x.min(dim=1).values.clamp(max=0)
         hi = x.max(dim=1).values
@@ -163,35 +179,39 @@ def _fit_sub(x, iw, t):
     else:
         ext = torch.where(-x.min(dim=1).values >= x.max(dim=1).values, x.min(dim=1).values, x.max(dim=1).values)
         base_s, base_o = ext / t.lo, torch.zeros_like(ext)  # the signed extreme gets code lo (all levels used)
-    best = _err(x3, iw3, base_s[:, None], base_o[:, None], t)
+    best = torch.full_like(base_s, float("inf"))
     s_best, o_best = base_s.clone(), base_o.clone()
-    for p in CANDIDATES if t.hi - t.lo < 255 else (1.0,):  # 8 bits: the max-based scale and its refit suffice
-        tries = [(base_s * p, base_o * p)]  # the range shrunk (clipped) or widened around 0
+
+    def consider(s, o, sums):
+        nonlocal best, s_best, o_best
+        err = _sq_err(s, o, sums, data)
+        better = err < best
+        best = torch.where(better, err, best)
+        s_best, o_best = torch.where(better, s, s_best), torch.where(better, o, o_best)
+
+    tries = [(base_s, base_o)]
+    for p in CANDIDATES if t.hi - t.lo < 255 else ():  # 8 bits: the max-based scale and its refit suffice
+        tries.append((base_s * p, base_o * p))  # the range shrunk (clipped) or widened around 0
         if t.has_min:
             tries.append((base_s * p, base_o))  # or at its top only
-        for s, o in [c for s, o in tries for c in ((s, o), _lsq(x, iw, s, o, t))]:
-            err = _err(x3, iw3, s[:, None], o[:, None], t)
-            better = err < best
-            best = torch.where(better, err, best)
-            s_best, o_best = torch.where(better, s, s_best), torch.where(better, o, o_best)
+    for s, o in tries:
+        sums = _code_sums(x, iw, iwx, s, o, t)
+        consider(s, o, sums)
+        sq, sqq, sqx = sums
+        if t.has_min:  # value = s q - o
+            ns, no = _lsq2(sqq, sq, data[0], sqx, data[1], s, o)
+            consider(ns, no.clamp(min=0) if t.sc is not None else no, sums)  # K types: offset >= 0
+        else:
+            consider(torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s), o, sums)
     return s_best, o_best
 
 
-def _lsq(x, iw, s, o, t):
-    """Weighted least-squares (scale, offset) of x [R, L] given the codes of (s, o) (offset >= 0 kept for K types)."""
-    q, _ = _codes(x[:, None], s[:, None], o[:, None], t)
-    q = q[:, 0]
-    sw, sq, sx = iw.sum(1), (iw * q).sum(1), (iw * x).sum(1)
-    sqq, sqx = (iw * q * q).sum(1), (iw * q * x).sum(1)
-    if not t.has_min:
-        return torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s), o
-    det = sw * sqq - sq * sq
-    ok = det.abs() > 1e-12 * (sw * sqq).clamp(min=1e-30)
-    ns = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), s)
-    no = torch.where(ok, (ns * sq - sx) / sw.clamp(min=1e-30), o)  # value = s q - o
-    if t.sc is not None:
-        no = no.clamp(min=0)
-    return ns, no
+def _lsq2(saa, sab, sbb, sax, sbx, a0, b0):
+    """Weighted least squares (a, b) of x ~ a u - b v from the sums of u u, u v, v v, u x, v x; (a0, b0) where singular."""
+    det = saa * sbb - sab * sab
+    ok = det.abs() > 1e-12 * (saa * sbb).clamp(min=1e-30)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    return torch.where(ok, (sbb * sax - sab * sbx) / safe, a0), torch.where(ok, (sab * sax - saa * sbx) / safe, b0)
 
 
 def _fp16(v):
@@ -213,7 +233,10 @@ def _level(v, rng, p):
 
 def _fit_super(x, iw, s, o, t):
     """Super-block parameters from the float sub-block (s, o) [R, S]: d / dmin over SUPER_CANDIDATES, judged on the
-    super-block's weighted error, then a weighted least-squares refit of (d, dmin) on the chosen codes and levels."""
+    super-block's weighted error, each with the weighted least-squares refit of (d, dmin) on its codes and levels, then
+    the integer levels nudged where that lowers a sub-block's error, and refitted again."""
+    iwx = iw * x
+    data = iw.sum(-1), iwx.sum(-1), torch.linalg.vecdot(iwx, x, dim=-1)  # [R, S]
     ones = torch.ones_like(s)
     if t.sc is None:  # blocks of 32: d (and -m) are the scale and offset themselves, rounded to fp16
         def make(p, pm):
@@ -224,64 +247,54 @@ def _fit_super(x, iw, s, o, t):
             dmin, m = _level(o, (0, 63), pm) if t.has_min else (None, None)
             return d, sc, dmin, m
 
-    def judge(d, sc, dmin, m):
-        scale = d[:, None] * sc
-        offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
-        return _err(x, iw, scale, offset, t)
-
-    best = judge(*make(1.0, 1.0))
     params = list(make(1.0, 1.0))
+    best = torch.full_like(s[:, 0], float("inf"))
 
-    def consider(cand):
+    def consider(cand, err):
         nonlocal best
-        err = judge(*cand)
         better = err < best
         best = torch.where(better, err, best)
         for i, c in enumerate(cand):
             if c is not None:
                 params[i] = torch.where(better[:, None] if c.dim() == 2 else better, c, params[i])
 
+    def judge(cand):
+        """Offer cand and its refit on cand's codes."""
+        d, sc, dmin, m = cand
+        scale = d[:, None] * sc
+        offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
+        sums = _code_sums(x, iw, iwx, scale, offset, t)
+        consider(cand, _sq_err(scale, offset, sums, data).sum(1))
+        sq, sqq, sqx = sums
+        saa, sax = (sc * sc * sqq).sum(1), (sc * sqx).sum(1)  # value = d (sc q) - dmin m
+        if t.has_min:
+            nd, ndm = _lsq2(saa, (sc * m * sq).sum(1), (m * m * data[0]).sum(1), sax, (m * data[1]).sum(1), d, dmin)
+            nd, ndm = _fp16(nd), _fp16(ndm)
+            offset = ndm[:, None] * m
+        else:
+            nd, ndm = _fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), dmin
+        consider((nd, sc, ndm, m), _sq_err(nd[:, None] * sc, offset, sums, data).sum(1))
+
+    judge(params)
     for p in SUPER_CANDIDATES:
         d, sc, _, _ = make(p, 1.0)
-        consider((d, sc, params[2], params[3]))
+        judge((d, sc, params[2], params[3]))
     if t.has_min:
         for pm in SUPER_CANDIDATES:
             _, _, dmin, m = make(1.0, pm)
-            consider((params[0], params[1], dmin, m))
-    for _ in range(2):
-        if t.sc is not None:
-            _nudge_levels(x, iw, params, t)
-            best = judge(*params)
-        _refit(x, iw, params, t, consider)
+            judge((params[0], params[1], dmin, m))
+    if t.sc is not None:
+        for _ in range(2):
+            _nudge_levels(x, iw, iwx, data, params, t)
+            best = torch.full_like(best, float("inf"))  # the nudged levels are better per sub-block, hence overall
+            judge(list(params))
     d, sc, dmin, m = params
     if t.sc is None:
         return d[:, None], (dmin[:, None] if t.has_min else None), None, None
     return d[:, None], (dmin[:, None] if t.has_min else None), sc.to(torch.int16), (m.to(torch.int16) if t.has_min else None)
 
 
-def _refit(x, iw, params, t, consider):
-    """Weighted least-squares refit of d (and dmin) with the levels and codes fixed, offered to `consider`."""
-    d, sc, dmin, m = params
-    scale = d[:, None] * sc
-    offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
-    q, _ = _codes(x, scale, offset, t)
-    a = (sc[..., None] * q)  # value = d * a - dmin * m
-    if t.has_min:
-        b = m[..., None].expand_as(a)
-        saa, sab, sbb = (iw * a * a).sum((1, 2)), (iw * a * b).sum((1, 2)), (iw * b * b).sum((1, 2))
-        sax, sbx = (iw * a * x).sum((1, 2)), (iw * b * x).sum((1, 2))
-        det = saa * sbb - sab * sab
-        ok = det.abs() > 1e-12 * (saa * sbb).clamp(min=1e-30)
-        safe = torch.where(ok, det, torch.ones_like(det))
-        nd = torch.where(ok, (sbb * sax - sab * sbx) / safe, d)
-        ndm = torch.where(ok, (sab * sax - saa * sbx) / safe, dmin)
-        consider((_fp16(nd), sc, _fp16(ndm), m))
-    else:
-        saa, sax = (iw * a * a).sum((1, 2)), (iw * a * x).sum((1, 2))
-        consider((_fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), sc, dmin, m))
-
-
-def _nudge_levels(x, iw, params, t):
+def _nudge_levels(x, iw, iwx, data, params, t):
     """Each sub-block's integer scale (and min) one step either way, where that lowers its own weighted error."""
     d, sc, dmin, m = params
     lo, hi = t.sc
@@ -289,8 +302,7 @@ def _nudge_levels(x, iw, params, t):
     def sub_err(sc_, m_):
         scale = d[:, None] * sc_
         offset = dmin[:, None] * m_ if t.has_min else torch.zeros_like(scale)
-        _, v = _codes(x, scale, offset, t)
-        return ((v - x) ** 2 * iw).sum(-1)  # [R, S]
+        return _sq_err(scale, offset, _code_sums(x, iw, iwx, scale, offset, t), data)  # [R, S]
 
     best = sub_err(sc, m)
     steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if t.has_min else (0,)) if (a, b) != (0, 0)]

@@ -215,3 +215,27 @@ def test_minicpm4_head_dim_untied_mup_switch(tmp_path, use_mup):
     assert a.abs().max() > 0.5 and (a - b).abs().max().item() <= 1e-4
     other, _ = logits_pair(tmp_path / "other", {**cfg, "use_mup": not use_mup}, 20)
     assert (a - other).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("past", [0, 37])
+def test_blocked_causal_attention_is_full_causal_attention(past):
+    """Long prompts attend in blocks of queries, each over the keys up to its last query: the same attention as one
+    call with the whole causal mask, across block edges and after a cache of `past` positions."""
+    import math
+
+    import torch.nn.functional as F
+
+    from minicpm_edge.model.forward import QUERY_BLOCK, causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    T = 2 * QUERY_BLOCK + 45
+    S = T + past
+    q = torch.randn(2, 3, T, 16, generator=g)
+    k, v = torch.randn(2, 3, S, 16, generator=g), torch.randn(2, 3, S, 16, generator=g)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(16))
+    got = causal_attention(q, k, v, 1 / math.sqrt(16))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    one = causal_attention(q[:, :, -1:], k, v, 1 / math.sqrt(16))  # a decode step sees every key
+    torch.testing.assert_close(one, want[:, :, -1:], rtol=1e-5, atol=1e-6)

@@ -378,3 +378,30 @@ def test_gptaq_target_factorises_once_per_hessian(calib, monkeypatch):
     g.add_batch(x[512:1024], native=x[512:1024] * 1.02)
     g.target(w)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("grid", ["v1", "Q4_K", "Q5_0"])
+def test_stacked_solve_is_the_separate_solves(grid):
+    """The driver solves the Linears that share an input and a grid type (q, k, v; gate, up) as one matrix of stacked
+    rows: split, it is bit for bit the separate solves, with each part's own loss and output error."""
+    from minicpm_edge.quant.kquant import TYPES
+
+    x = correlated(k=512)
+    g = solver(x)
+    ws = [weight(96, 512, seed=3), weight(32, 512, seed=4), weight(64, 512, seed=5)]
+    kw = dict(act_order=True, static_groups=True, block=None if grid == "v1" else TYPES[grid])
+    spec = QuantSpec(4, 32, True)
+    parts = g.quantize(torch.cat(ws), spec, **kw).split([w.shape[0] for w in ws])
+    for w, part in zip(ws, parts):
+        alone = g.quantize(w, spec, **kw)
+        assert torch.equal(part.codes, alone.codes) and torch.equal(part.dequantized, alone.dequantized)
+        assert part.loss == pytest.approx(alone.loss, rel=1e-5)
+        assert g.output_error(w, part.dequantized, part) == pytest.approx(g.output_error(w, alone.dequantized), rel=1e-3)
+        if grid == "v1":
+            check(part, spec)
+            assert torch.equal(part.scales, alone.scales) and torch.equal(part.zeros, alone.zeros)
+        else:
+            assert torch.equal(part.grid.scale, alone.grid.scale) and torch.equal(part.grid.offset, alone.grid.offset)
+        assert part.codes.untyped_storage().data_ptr() != parts[0].codes.untyped_storage().data_ptr() or part is parts[0]
+    with pytest.raises(ValueError, match="add up"):
+        parts[0].split([10])

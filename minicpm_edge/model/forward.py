@@ -54,6 +54,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+QUERY_BLOCK = 256  # queries per attention call on long prompts
+
+
+def causal_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over the keys k, v [B, H, S, *] (S >= T: the last T positions are the
+    queries'). Long prompts go in blocks of QUERY_BLOCK queries, each over the keys up to its last query only: the
+    masked-out part of the score matrix is skipped rather than computed (a quarter to a third less work at T = 512;
+    torch's CPU flash kernel does not skip it)."""
+    T, S = q.shape[2], k.shape[2]
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    outs = []
+    for a in range(0, T, QUERY_BLOCK):
+        b = min(a + QUERY_BLOCK, T)
+        # query t (absolute S - T + t) sees keys 0..S - T + t
+        mask = torch.ones(b - a, S - T + b, dtype=torch.bool, device=q.device).tril(S - T + a)
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :S - T + b], v[:, :, :S - T + b],
+                                                   attn_mask=mask, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -82,10 +103,7 @@ class Attention(nn.Module):
         rep = c.num_attention_heads // c.num_key_value_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        S = k.shape[2]
-        # causal over the full key range: query t (absolute S-T+t) sees keys 0..S-T+t
-        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
+        out = causal_attention(q, k, v, 1.0 / math.sqrt(c.head_dim))
         return out.transpose(1, 2).reshape(B, T, -1), present
 
 
@@ -141,8 +159,7 @@ class LatentAttention(nn.Module):
         kv = self.kv_b_proj(latent).view(B, S, n, nope + c.v_head_dim).transpose(1, 2)
         k = torch.cat([kv[..., :nope], k_rope.expand(B, n, S, c.qk_rope_head_dim)], dim=-1)
         v = kv[..., nope:]
-        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
+        out = causal_attention(q, k, v, 1.0 / math.sqrt(c.head_dim))
         return out.transpose(1, 2).reshape(B, T, -1), present
 
 

@@ -40,6 +40,7 @@ MLA_GROUPS = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_att
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
 SHARD_BYTES = 2**30  # also bounds the memory used to assemble the checkpoint
+PROBE_TOKENS = 2048  # calibration tokens (whole samples, at least one) the report's layer error is measured on
 KEEP_BYTES = 2**31  # the most memory a layer's down_proj inputs may take to be kept rather than recomputed
 
 
@@ -255,28 +256,36 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     fp = copy.deepcopy(layer) if native is not None else None  # the unquantised layer, for the native stream
     n = h.shape[0]
     chunks = [slice(s, min(s + opts.batch, n)) for s in range(0, n, opts.batch)]
-    probe = slice(0, min(8, n))
+    probe = slice(0, min(n, max(1, PROBE_TOKENS // h.shape[1])))
     with torch.no_grad():
         probe_in = h[probe].clone()
         reference = layer(probe_in.to(dt), cos, sin)[0].float()  # unquantised output on a few samples
     records, modules = {}, {}
 
     def solve(names: tuple[str, ...], hessian: GPTQ) -> None:
-        for name in names:
-            w = originals.pop(name)
-            block = TYPES[mix_type(opts.format, name, *position, w.shape[1])] if opts.format else None
+        """Quantise the Linears that read one input; those on the same grid type as one matrix, their rows stacked
+        (every row is solved on its own: one column loop instead of one per Linear)."""
+        blocks = {name: TYPES[mix_type(opts.format, name, *position, originals[name].shape[1])] if opts.format else None
+                  for name in names}
+        modules.update(dict.fromkeys(names))  # the report in the layer's order
+        for block in dict.fromkeys(blocks.values()):
+            group = [name for name in names if blocks[name] is block]
+            ws = [originals.pop(name) for name in group]
+            w = torch.cat(ws) if len(ws) > 1 else ws[0]
             if opts.method == "gptq":
                 w = hessian.target(w, opts.gptaq, opts.damp) if native is not None else w
                 r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **opts.column_order)
             else:
                 r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H), block=block)
-            solved = r if opts.method == "gptq" else None  # the solver's loss gives the numerator
-            modules[name] = {"rel_error": round(hessian.output_error(w, r.dequantized, solved), 8),
-                             "damp": r.damp_used}
-            if block is not None:
-                modules[name]["type"] = block.name
-            records[name] = GGMLLinear.from_result(r) if block else QuantizedLinear.from_result(r, opts.spec)
-            layer.get_submodule(name).weight.data = r.dequantized.to(dt)
+            sizes = [x.shape[0] for x in ws]
+            for name, wi, ri in zip(group, w.split(sizes), r.split(sizes) if len(ws) > 1 else [r]):
+                solved = ri if opts.method == "gptq" else None  # the solver's loss gives the numerator
+                modules[name] = {"rel_error": round(hessian.output_error(wi, ri.dequantized, solved), 8),
+                                 "damp": ri.damp_used}
+                if block is not None:
+                    modules[name]["type"] = block.name
+                records[name] = GGMLLinear.from_result(ri) if block else QuantizedLinear.from_result(ri, opts.spec)
+                layer.get_submodule(name).weight.data = ri.dequantized.to(dt)
 
     def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list, list]:
         """Hessian of the inputs fn(layer, x) over all chunks x of h (with the native stream's through the

@@ -9,7 +9,7 @@ which act-order requires so that groups stay contiguous along the input dimensio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +34,26 @@ class QuantResult:
     loss: float = 0.0  # sum over columns of err^2 / d^2 / 2 (the GPTQ objective proxy)
     perm: torch.Tensor | None = None  # act-order: the order columns were quantised in (original indices)
     grid: BlockGrid | None = None  # the GGML block grid (kquant.py) the codes lie on, when quantised onto one
+    row_loss: torch.Tensor | None = None  # [N] each output row's share of `loss`
+
+    def split(self, sizes: list[int]) -> list[QuantResult]:
+        """The results of the matrices whose rows were stacked into this one (GPTQ and the grids treat every row on its
+        own, so a stacked solve is the solves of its parts, with the Hessian's factorisation shared). Each part owns
+        its tensors (no views shared between parts)."""
+        if sum(sizes) != self.codes.shape[0]:
+            raise ValueError(f"split sizes add up to {sum(sizes)}, the result has {self.codes.shape[0]} rows")
+        own = lambda t: None if t is None else t.clone()  # noqa: E731
+        out, a = [], 0
+        for n in sizes:
+            rows = lambda t, dim=0: None if t is None else t.narrow(dim, a, n).clone()  # noqa: E731
+            g = self.grid
+            grid = None if g is None else BlockGrid(g.type, rows(g.d), rows(g.dmin), rows(g.sc), rows(g.m))
+            loss = rows(self.row_loss)
+            out.append(replace(self, codes=rows(self.codes), dequantized=rows(self.dequantized), grid=grid,
+                               scales=rows(self.scales, 1), zeros=rows(self.zeros, 1), g_idx=own(self.g_idx),
+                               perm=own(self.perm), loss=0.0 if loss is None else float(loss.sum()), row_loss=loss))
+            a += n
+        return out
 
 
 class GPTQ:
@@ -207,9 +227,9 @@ class GPTQ:
             Q, codes = Q[:, inv], codes[:, inv]
         if grid is not None:
             return QuantResult(codes.to(torch.int16).contiguous(), None, None, None, Q.contiguous(), damp_used,
-                               float(losses.sum()), perm, grid)
+                               float(losses.sum()), perm, grid, losses)
         return QuantResult(codes.to(torch.uint8).contiguous(), scales, zeros.to(torch.int32), make_g_idx(k, spec, dev),
-                           Q.contiguous(), damp_used, float(losses.sum()), perm)
+                           Q.contiguous(), damp_used, float(losses.sum()), perm, row_loss=losses)
 
     def _factor(self, device: torch.device, damp: float, act_order: bool, group_aware: bool, glen: int):
         """(H with the dead inputs' diagonal set to 1, the dead inputs, the column order or None, the upper Cholesky

@@ -26,8 +26,12 @@ import torch
 
 from ..errors import UserError
 
-CANDIDATES = torch.linspace(0.7, 1.1, 21).tolist()  # sub-block scale candidates: multiples of the max-based scale
-SUPER_CANDIDATES = torch.linspace(0.85, 1.1, 26).tolist()  # d / dmin candidates: multiples of the max-based one
+# Scale candidates: multiples of the max-based scale. Coarse to fine where the error is smooth in the scale: a coarse
+# range, then FINE steps around each row's best coarse multiple (a 0.01-step grid's resolution for half the tries)
+CANDIDATES = torch.linspace(0.7, 1.1, 11).tolist()  # sub-block scales, then FINE
+SUPER_COARSE = torch.linspace(0.85, 1.1, 9).tolist()  # blocks of 32 up to 5 bits: the fp16 d (and m), then FINE
+SUPER_CANDIDATES = torch.linspace(0.85, 1.1, 26).tolist()  # the K types' d / dmin and Q8_0's d: all of them (the
+FINE = (-0.02, -0.01, 0.01, 0.02)  # error of a re-levelled super-block, or of fp16 steps at 8 bits, is too rugged)
 FP16_MAX = 65504.0
 
 
@@ -167,8 +171,8 @@ def _sq_err(s, o, sums, data):
 
 
 def _fit_sub(x, iw, t):
-    """Float (scale, offset) per row of x [R, L]: the lowest weighted error over CANDIDATES, each refitted by weighted
-    least squares on its codes. A try and its refit are judged from one rounding's code sums; the refit, judged on the
+    """Float (scale, offset) per row of x [R, L]: the lowest weighted error over CANDIDATES (then FINE), each refitted
+    by weighted least squares on its codes. A try and its refit are judged from one rounding's code sums; the refit, judged on the
     codes it was fitted to, can only gain from re-rounding."""
     iwx = iw * x
     data = iw.sum(1), iwx.sum(1), torch.linalg.vecdot(iwx, x, dim=-1)
@@ -180,7 +184,7 @@ def _fit_sub(x, iw, t):
         ext = torch.where(-x.min(dim=1).values >= x.max(dim=1).values, x.min(dim=1).values, x.max(dim=1).values)
         base_s, base_o = ext / t.lo, torch.zeros_like(ext)  # the signed extreme gets code lo (all levels used)
     best = torch.full_like(base_s, float("inf"))
-    s_best, o_best = base_s.clone(), base_o.clone()
+    s_best, o_best, p_best = base_s.clone(), base_o.clone(), torch.ones_like(base_s)
 
     def consider(s, o, sums):
         nonlocal best, s_best, o_best
@@ -188,21 +192,34 @@ def _fit_sub(x, iw, t):
         better = err < best
         best = torch.where(better, err, best)
         s_best, o_best = torch.where(better, s, s_best), torch.where(better, o, o_best)
+        return better
 
-    tries = [(base_s, base_o)]
-    for p in CANDIDATES if t.hi - t.lo < 255 else ():  # 8 bits: the max-based scale and its refit suffice
-        tries.append((base_s * p, base_o * p))  # the range shrunk (clipped) or widened around 0
-        if t.has_min:
-            tries.append((base_s * p, base_o))  # or at its top only
-    for s, o in tries:
+    def attempt(s, o, p):
+        """(s, o) and its refit; p: the multiple of the max-based scale they came from."""
+        nonlocal p_best
         sums = _code_sums(x, iw, iwx, s, o, t)
-        consider(s, o, sums)
+        won = consider(s, o, sums)
         sq, sqq, sqx = sums
         if t.has_min:  # value = s q - o
             ns, no = _lsq2(sqq, sq, data[0], sqx, data[1], s, o)
-            consider(ns, no.clamp(min=0) if t.sc is not None else no, sums)  # K types: offset >= 0
+            won |= consider(ns, no.clamp(min=0) if t.sc is not None else no, sums)  # K types: offset >= 0
         else:
-            consider(torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s), o, sums)
+            won |= consider(torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s), o, sums)
+        p_best = torch.where(won, p, p_best)
+
+    def at(p):
+        attempt(base_s * p, base_o * p, p)  # the range shrunk (clipped) or widened around 0
+        if t.has_min:
+            attempt(base_s * p, base_o, p)  # or at its top only
+
+    attempt(base_s, base_o, 1.0)
+    if t.hi - t.lo >= 255:  # 8 bits: the max-based scale and its refit suffice
+        return s_best, o_best
+    for p in CANDIDATES:
+        at(p)
+    centre = p_best.clone()
+    for dp in FINE:
+        at(centre + dp)
     return s_best, o_best
 
 
@@ -232,7 +249,7 @@ def _level(v, rng, p):
 
 
 def _fit_super(x, iw, s, o, t):
-    """Super-block parameters from the float sub-block (s, o) [R, S]: d / dmin over SUPER_CANDIDATES, judged on the
+    """Super-block parameters from the float sub-block (s, o) [R, S]: d / dmin over the candidates, judged on the
     super-block's weighted error, each with the weighted least-squares refit of (d, dmin) on its codes and levels, then
     the integer levels nudged where that lowers a sub-block's error, and refitted again."""
     iwx = iw * x
@@ -257,14 +274,15 @@ def _fit_super(x, iw, s, o, t):
         for i, c in enumerate(cand):
             if c is not None:
                 params[i] = torch.where(better[:, None] if c.dim() == 2 else better, c, params[i])
+        return better
 
     def judge(cand):
-        """Offer cand and its refit on cand's codes."""
+        """Offer cand and its refit on cand's codes; the rows where either won."""
         d, sc, dmin, m = cand
         scale = d[:, None] * sc
         offset = dmin[:, None] * m if t.has_min else torch.zeros_like(scale)
         sums = _code_sums(x, iw, iwx, scale, offset, t)
-        consider(cand, _sq_err(scale, offset, sums, data).sum(1))
+        won = consider(cand, _sq_err(scale, offset, sums, data).sum(1))
         sq, sqq, sqx = sums
         saa, sax = (sc * sc * sqq).sum(1), (sc * sqx).sum(1)  # value = d (sc q) - dmin m
         if t.has_min:
@@ -273,16 +291,24 @@ def _fit_super(x, iw, s, o, t):
             offset = ndm[:, None] * m
         else:
             nd, ndm = _fp16(torch.where(saa > 0, sax / saa.clamp(min=1e-30), d)), dmin
-        consider((nd, sc, ndm, m), _sq_err(nd[:, None] * sc, offset, sums, data).sum(1))
+        return won | consider((nd, sc, ndm, m), _sq_err(nd[:, None] * sc, offset, sums, data).sum(1))
+
+    def scale_d(p):
+        d, sc, _, _ = make(p, 1.0)
+        return judge((d, sc, params[2], params[3]))
+
+    def scale_dmin(p):
+        _, _, dmin, m = make(1.0, p)
+        return judge((params[0], params[1], dmin, m))
 
     judge(params)
-    for p in SUPER_CANDIDATES:
-        d, sc, _, _ = make(p, 1.0)
-        judge((d, sc, params[2], params[3]))
-    if t.has_min:
-        for pm in SUPER_CANDIDATES:
-            _, _, dmin, m = make(1.0, pm)
-            judge((params[0], params[1], dmin, m))
+    smooth = t.sc is None and t.hi - t.lo < 255
+    for offer in (scale_d, scale_dmin) if t.has_min else (scale_d,):
+        p_best = torch.ones_like(best)
+        for p in SUPER_COARSE if smooth else SUPER_CANDIDATES:
+            p_best = torch.where(offer(p), p, p_best)
+        for dp in FINE if smooth else ():
+            offer(p_best + dp)
     if t.sc is not None:
         for _ in range(2):
             _nudge_levels(x, iw, iwx, data, params, t)

@@ -182,7 +182,7 @@ class GPTQ:
         static = static_groups or spec.group_size == -1 or grid is not None
         diag = torch.diag(H) if perm is None else torch.diag(H)[perm]  # processing order: each column's grid weight
         # Work on W transposed (column i of W = row i, contiguous) in processing order, in place
-        Wt = (W.t() if perm is None else W.t()[perm]).contiguous()
+        Wt = W.t().contiguous() if perm is None else W.t().contiguous()[perm]  # (a row gather: faster than columns)
         order = perm.tolist() if perm is not None else list(range(k))  # original index of each processed column
         group = torch.tensor([c // glen for c in order], device=dev)  # group of each processed column
         codes, Q = torch.empty_like(Wt), torch.empty_like(Wt)
@@ -221,10 +221,10 @@ class GPTQ:
             losses += Err1.square().sum(0) / 2
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of the columns after this block
 
-        Q, codes = Q.t(), codes.t()
-        if perm is not None:
+        if perm is not None:  # back to the original column order: rows of the transposed results
             inv = torch.argsort(perm)
-            Q, codes = Q[:, inv], codes[:, inv]
+            Q, codes = Q[inv], codes[inv]
+        Q, codes = Q.t(), codes.t()
         if grid is not None:
             return QuantResult(codes.to(torch.int16).contiguous(), None, None, None, Q.contiguous(), damp_used,
                                float(losses.sum()), perm, grid, losses)

@@ -140,7 +140,8 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     """
     imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
     iw = imp * w
-    C = torch.einsum("ij,ij->i", iw, w).double()
+    dot = lambda a, b: torch.linalg.vecdot(a, b, dim=-1)  # noqa: E731  (no temporary, faster than einsum's bmm)
+    C = dot(iw, w).double()
     margin = 1e-6 * C
     d, idd = torch.empty_like(w), torch.empty_like(w)
     half = (spec.maxq + 1) // 2
@@ -152,8 +153,8 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
             d.clamp_(-half, spec.maxq - half)
         else:
             d.add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
-        A = torch.einsum("ij,ij->i", iw, d)
-        B = torch.einsum("ij,ij->i", torch.mul(imp, d, out=idd), d)
+        A = dot(iw, d)
+        B = dot(torch.mul(imp, d, out=idd), d)
         s64 = s.double()
         err = C - 2 * s64 * A.double() + s64 * s64 * B.double()
         ls = torch.where(B > 0, A / B.clamp(min=1e-30), s)

@@ -82,3 +82,18 @@ def test_one_layer_loads_without_the_whole_model(tmp_path):
     total_fp32 = sum(torch.Size(ckpt.shape(n)).numel() * 4 for n in ckpt.names)
     assert layer_bytes < total_fp32 / 4
     assert grown < layer_bytes * 2.5, (grown, layer_bytes, total_fp32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """The one-pass check (min and max) sees a NaN or an Inf wherever it is, in any float type, as isfinite does."""
+    from minicpm_edge.model import all_finite
+
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.randn(37, 129).to(dtype))
+    n = 37 * 129
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 1, 63, 64, n // 2, n - 2, n - 1):  # vector lanes, their tails, the last element
+            x = torch.randn(n).to(dtype)
+            x[at] = bad
+            assert not all_finite(x.view(37, 129)), (bad, at)
+    assert not all_finite(torch.tensor([70000.0]).to(torch.float16))  # overflows float16: Inf

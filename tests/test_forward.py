@@ -218,9 +218,11 @@ def test_minicpm4_head_dim_untied_mup_switch(tmp_path, use_mup):
 
 
 @pytest.mark.parametrize("past", [0, 37])
-def test_blocked_causal_attention_is_full_causal_attention(past):
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_blocked_causal_attention_is_full_causal_attention(past, kv_heads):
     """Long prompts attend in blocks of queries, each over the keys up to its last query: the same attention as one
-    call with the whole causal mask, across block edges and after a cache of `past` positions."""
+    call with the whole causal mask, across block edges and after a cache of `past` positions; with fewer key/value
+    heads than query heads (GQA), each shared by its query heads as if repeated."""
     import math
 
     import torch.nn.functional as F
@@ -231,9 +233,11 @@ def test_blocked_causal_attention_is_full_causal_attention(past):
     T = 2 * QUERY_BLOCK + 45
     S = T + past
     q = torch.randn(2, 3, T, 16, generator=g)
-    k, v = torch.randn(2, 3, S, 16, generator=g), torch.randn(2, 3, S, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, S, 16, generator=g), torch.randn(2, kv_heads, S, 16, generator=g)
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(16))
+    rep = 3 // kv_heads
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
+                                          scale=1 / math.sqrt(16))
     got = causal_attention(q, k, v, 1 / math.sqrt(16))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model import Checkpoint, rope
+from ..model import Checkpoint, all_finite, rope
 from ..model.hub import model_name
 from ..model.tokenizer import CHAT_TEMPLATE
 
@@ -360,7 +360,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, dtype: str = "f16", embedding: str 
         data = produce()
         if isinstance(data, torch.Tensor) and qtype == QT.F16:  # bf16 -> f16 directly: no float32 copy of a table
             data = data.to(torch.float16)
-            if not torch.isfinite(data).all():
+            if not all_finite(data):
                 raise UserError(f"{gname}: values beyond float16's range (65504); export with --embedding f32 or "
                                 "q8_0, or --dtype f32")
             data = data.numpy()

@@ -26,7 +26,7 @@ import torch
 
 from ..artifact import staging
 from ..errors import UserError
-from ..model import Checkpoint
+from ..model import Checkpoint, all_finite
 from ..model.checkpoint import LINEARS
 from ..model.hub import model_name
 from ..quant.format import require_gptq
@@ -80,7 +80,7 @@ def rtn_params(ckpt: Checkpoint, name: str, chunk: int = 4096) -> tuple[np.ndarr
     scales = np.empty((rows, cols // GROUP), dtype="<f2")
     for a in range(0, rows, chunk):
         x = (h[name][a:a + chunk] if isinstance(h, dict) else h.get_slice(name)[a:a + chunk]).to(torch.float16)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise UserError(f"{ckpt.dir}: {name} has values that are not finite in float16, which mlc's q4f16 stores")
         g = x.view(x.shape[0], -1, GROUP)
         s = g.abs().amax(-1, keepdim=True) / torch.tensor(7, dtype=torch.float16)
@@ -93,7 +93,7 @@ def rtn_params(ckpt: Checkpoint, name: str, chunk: int = 4096) -> tuple[np.ndarr
 
 def half(t: torch.Tensor, name: str) -> np.ndarray:
     x = t.to(torch.float16)
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise UserError(f"{name} has values that are not finite in float16, which mlc's q4f16 stores")
     return x.numpy()
 

@@ -58,20 +58,25 @@ QUERY_BLOCK = 256  # queries per attention call on long prompts
 
 
 def causal_attention(q, k, v, scale: float) -> torch.Tensor:
-    """Causal attention of q [B, H, T, D] over the keys k, v [B, H, S, *] (S >= T: the last T positions are the
-    queries'). Long prompts go in blocks of QUERY_BLOCK queries, each over the keys up to its last query only: the
-    masked-out part of the score matrix is skipped rather than computed (a quarter to a third less work at T = 512;
-    torch's CPU flash kernel does not skip it)."""
+    """Causal attention of q [B, H, T, D] over the keys k, v [B, Hkv, S, *] (S >= T: the last T positions are the
+    queries'; H a multiple of Hkv, each key/value head shared by H / Hkv query heads, without copying it).
+    Long prompts go in blocks of QUERY_BLOCK queries, each over the keys up to its last query only: the masked-out
+    part of the score matrix is skipped rather than computed (a quarter to a third less work at T = 512; torch's CPU
+    flash kernel does not skip it)."""
     T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
     if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     outs = []
     for a in range(0, T, QUERY_BLOCK):
         b = min(a + QUERY_BLOCK, T)
+        qb, kb, vb = q[:, :, a:b], k[:, :, :S - T + b], v[:, :, :S - T + b]
+        if S - T + a == 0:  # query t sees keys 0..t: the plain causal mask, which the kernel makes itself
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa))
+            continue
         # query t (absolute S - T + t) sees keys 0..S - T + t
         mask = torch.ones(b - a, S - T + b, dtype=torch.bool, device=q.device).tril(S - T + a)
-        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :S - T + b], v[:, :, :S - T + b],
-                                                   attn_mask=mask, scale=scale))
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -100,9 +105,6 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         present = (k, v)
-        rep = c.num_attention_heads // c.num_key_value_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = causal_attention(q, k, v, 1.0 / math.sqrt(c.head_dim))
         return out.transpose(1, 2).reshape(B, T, -1), present
 

@@ -280,22 +280,40 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
             sizes = [x.shape[0] for x in ws]
             for name, wi, ri in zip(group, w.split(sizes), r.split(sizes) if len(ws) > 1 else [r]):
                 solved = ri if opts.method == "gptq" else None  # the solver's loss gives the numerator
-                modules[name] = {"rel_error": round(hessian.output_error(wi, ri.dequantized, solved), 8),
+                modules[name] = {"rel_error": round(hessian.output_error(wi, ri.dequantized, solved, dt), 8),
                                  "damp": ri.damp_used}
                 if block is not None:
                     modules[name]["type"] = block.name
                 records[name] = GGMLLinear.from_result(ri) if block else QuantizedLinear.from_result(ri, opts.spec)
                 layer.get_submodule(name).weight.data = ri.dequantized.to(dt)
 
-    def collect(k: int, fn, keep: bool = False) -> tuple[GPTQ, list, list]:
-        """Hessian of the inputs fn(layer, x) over all chunks x of h (with the native stream's through the
-        unquantised layer, for GPTQ.target); the inputs themselves only when `keep`."""
+    def normed(norm: str) -> list | None:
+        """The norm's output on each chunk of both streams (the native stream's None without GPTAQ), made once for
+        the two groups that read it; None where they would take more than KEEP_BYTES (each pass then makes its own)."""
+        streams = 1 if native is None else 2
+        if streams * n * h.shape[1] * hidden * torch.finfo(dt).bits // 8 > KEEP_BYTES:
+            return None
+        with torch.no_grad():
+            return [(layer.get_submodule(norm)(h[c].to(dt)),
+                     None if native is None else fp.get_submodule(norm)(native[c].to(dt))) for c in chunks]
+
+    def collect(k: int, fn, norm: str, pre: list | None, keep: bool = False, free: bool = False):
+        """Hessian of the inputs fn(layer, x) over the chunks x of the norm's output on h (`pre`'s, or made here),
+        with the native stream's through the unquantised layer, for GPTQ.target; the inputs themselves only when
+        `keep`. `free`: this is pre's last reader, which lets go of each chunk once used."""
         H = GPTQ(k, h.device)
         kept, kept_native = [], []
         with torch.no_grad():
-            for c in chunks:
-                x = fn(layer, h[c].to(dt))
-                xn = fn(fp, native[c].to(dt)) if native is not None else None
+            for i, c in enumerate(chunks):
+                if pre is None:
+                    x = layer.get_submodule(norm)(h[c].to(dt))
+                    xn = None if native is None else fp.get_submodule(norm)(native[c].to(dt))
+                else:
+                    x, xn = pre[i]
+                    if free:
+                        pre[i] = None
+                x = fn(layer, x)
+                xn = fn(fp, xn) if native is not None else None
                 H.add_batch(x, native=xn)
                 if keep:
                     kept.append(x)
@@ -303,25 +321,28 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
         return H, kept, kept_native
 
     def residual(stream: torch.Tensor, c: slice, out: torch.Tensor) -> None:
-        stream[c] = stream[c] + out * layer.residual_scale
+        stream[c].add_(out, alpha=layer.residual_scale)  # float32, in place
 
+    same = lambda m, x: x  # noqa: E731  (the norm's output itself)
     hidden = layer.input_layernorm.weight.shape[0]
+    pre = normed("input_layernorm")
     # [q, k, v] (MLA: [q_a, kv_a_with_mqa]) share one input
-    H, _, _ = collect(hidden, lambda m, x: m.input_layernorm(x))
+    H, _, _ = collect(hidden, same, "input_layernorm", pre)
     solve(groups[0], H)
     del H
     if mla:  # q_b and kv_b: the normed latents of the quantised q_a / kv_a
-        H, _, _ = collect(layer.self_attn.q_b_proj.in_features,
-                          lambda m, x: m.self_attn.q_latent(m.input_layernorm(x)))
+        H, _, _ = collect(layer.self_attn.q_b_proj.in_features, lambda m, x: m.self_attn.q_latent(x),
+                          "input_layernorm", pre)
         solve(groups[1][:1], H)
-        H, _, _ = collect(layer.self_attn.kv_b_proj.in_features,
-                          lambda m, x: m.self_attn.kv_latent(m.input_layernorm(x))[0])
+        H, _, _ = collect(layer.self_attn.kv_b_proj.in_features, lambda m, x: m.self_attn.kv_latent(x)[0],
+                          "input_layernorm", pre)
         solve(groups[1][1:], H)
         del H
         groups = groups[1:]
     # o sees attention computed with quantised q, k, v
-    H, mixed, mixed_fp = collect(layer.self_attn.o_proj.in_features,
-                                 lambda m, x: m.self_attn.mix(m.input_layernorm(x), cos, sin)[0], keep=True)
+    H, mixed, mixed_fp = collect(layer.self_attn.o_proj.in_features, lambda m, x: m.self_attn.mix(x, cos, sin)[0],
+                                 "input_layernorm", pre, keep=True, free=True)
+    del pre
     solve(groups[1], H)
     with torch.no_grad():
         for i, c in enumerate(chunks):  # the streams now hold the mid-layer residual
@@ -330,24 +351,27 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
                 residual(native, c, fp.self_attn.o_proj(mixed_fp[i]))
     del mixed, mixed_fp
     # [gate, up] share the post-attention norm's output
-    H, _, _ = collect(hidden, lambda m, x: m.post_attention_layernorm(x))
+    pre = normed("post_attention_layernorm")
+    H, _, _ = collect(hidden, same, "post_attention_layernorm", pre)
     solve(groups[2], H)
     # down's inputs (intermediate-sized, the largest activations) are kept for the residual update when they fit in
     # KEEP_BYTES (saving a second pass through gate and up), recomputed otherwise
     streams = 1 if native is None else 2
     keep = streams * n * h.shape[1] * layer.mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
-
-    def act(m, x):
-        return m.mlp.hidden(m.post_attention_layernorm(x))
-
-    H, acts, acts_fp = collect(layer.mlp.down_proj.in_features, act, keep=keep)
+    H, acts, acts_fp = collect(layer.mlp.down_proj.in_features, lambda m, x: m.mlp.hidden(x),
+                               "post_attention_layernorm", pre, keep=keep, free=keep)
     solve(groups[3], H)
+
+    def act(m, stream, i, c):  # down's input, recomputed (from pre's normed chunk where it was kept)
+        x = m.post_attention_layernorm(stream[c].to(dt)) if pre is None else pre[i][0 if m is layer else 1]
+        return m.mlp.hidden(x)
+
     with torch.no_grad():
         for i, c in enumerate(chunks):
-            residual(h, c, layer.mlp.down_proj(acts[i] if keep else act(layer, h[c].to(dt))))
+            residual(h, c, layer.mlp.down_proj(acts[i] if keep else act(layer, h, i, c)))
             if native is not None:
-                residual(native, c, fp.mlp.down_proj(acts_fp[i] if keep else act(fp, native[c].to(dt))))
-    del acts, acts_fp, fp
+                residual(native, c, fp.mlp.down_proj(acts_fp[i] if keep else act(fp, native, i, c)))
+    del acts, acts_fp, fp, pre
     # the layer's relative output error on the probe samples: |out_q - out| / |out - in| (of what the layer adds)
     branch = (reference - probe_in).norm()
     rel = float((h[probe] - reference).norm() / branch) if branch > 0 else 0.0

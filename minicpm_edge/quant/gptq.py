@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import UserError
+from ..model.checkpoint import all_finite
 from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, one_thread, quantize_codes
 from .kquant import BlockGrid, BlockType, fit_grid
 
@@ -182,48 +183,62 @@ class GPTQ:
         static = static_groups or spec.group_size == -1 or grid is not None
         diag = torch.diag(H) if perm is None else torch.diag(H)[perm]  # processing order: each column's grid weight
         # Work on W transposed (column i of W = row i, contiguous) in processing order, in place
-        Wt = W.t().contiguous() if perm is None else W.t().contiguous()[perm]  # (a row gather: faster than columns)
+        Wt = W.t().contiguous()
+        Wt = Wt if perm is None else Wt.index_select(0, perm)  # (a row gather: faster than columns)
         order = perm.tolist() if perm is not None else list(range(k))  # original index of each processed column
         group = torch.tensor([c // glen for c in order], device=dev)  # group of each processed column
         codes, Q = torch.empty_like(Wt), torch.empty_like(Wt)
         losses = torch.zeros(n_out, device=dev)
+        code_rows = codes.unbind(0)  # row views made once: indexing per column costs more than the column's arithmetic
         if grid is not None:  # each column's scale and offset as contiguous rows in processing order; a zero scale
             cols = torch.tensor(order, device=dev) // block.sub  # divides to code 0, as BlockGrid.codes gives it
             g_scale, g_offset = grid.scale.t()[cols].contiguous(), grid.offset.t()[cols].contiguous()
             g_div = torch.where(g_scale == 0, torch.full_like(g_scale, math.inf), g_scale)
+            s_rows, o_rows, div_rows = g_scale.unbind(0), g_offset.unbind(0), g_div.unbind(0)
+        else:
+            s_rows, z_rows = scales.unbind(0), zeros.unbind(0)  # views: find_params' writes below show through
+            shifted = torch.empty(n_out, device=dev)
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
             W1, U1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1: a view, updated in place
             Err1 = torch.empty_like(W1)
+            w_rows, e_rows, u_rows, u_diag = W1.unbind(0), Err1.unbind(0), U1.unbind(0), torch.diag(U1).tolist()
             with one_thread(dev):  # one row per step: threads would only add synchronisation
                 for j in range(i2 - i1):
-                    c, w = order[i1 + j], W1[j]
-                    if grid is not None:  # a GGML block grid: BlockGrid.codes and .values, per column
-                        q, i = codes[i1 + j], i1 + j
-                        torch.add(w, g_offset[i], out=q).div_(g_div[i]).round_().clamp_(block.lo, block.hi)
-                        torch.mul(g_scale[i], q, out=Q[i]).sub_(g_offset[i])
-                        torch.sub(w, Q[i], out=Err1[j]).div_(U1[j, j])
+                    i, w, e = i1 + j, w_rows[j], e_rows[j]
+                    q = code_rows[i]
+                    if grid is not None:  # a GGML block grid: BlockGrid.codes, per column; err = w - (s q - o)
+                        if block.has_min:
+                            torch.add(w, o_rows[i], out=q).div_(div_rows[i])
+                        else:
+                            torch.div(w, div_rows[i], out=q)
+                        q.round_().clamp_(block.lo, block.hi)
+                        torch.addcmul(w, s_rows[i], q, value=-1, out=e)
+                        if block.has_min:
+                            e.add_(o_rows[i])
                     else:
-                        g = c // glen
-                        if not static and (i1 + j) % glen == 0:  # entering a group (contiguous): its columns as updated
+                        g = order[i] // glen
+                        if not static and i % glen == 0:  # entering a group (contiguous): its columns as updated
                             inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
                             cols = W1[j:j + glen] if inside == glen else torch.cat([W1[j:], Wt[i2:i2 + glen - inside]])
-                            scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[i1 + j:i1 + j + glen])
-                        s, z = scales[g], zeros[g]
-                        q = quantize_codes(w, s, z, spec.maxq)
-                        torch.sub(w, dequantize(q, s, z), out=Err1[j]).div_(U1[j, j])
-                    W1[j + 1:].addr_(U1[j, j + 1:], Err1[j], alpha=-1)  # spread its error onto the block's later columns
+                            scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[i:i + glen])
+                        s, z = s_rows[g], z_rows[g]
+                        torch.div(w, s, out=q).round_().add_(z).clamp_(0, spec.maxq)  # quantize_codes
+                        torch.addcmul(w, s, torch.sub(q, z, out=shifted), value=-1, out=e)  # w - dequantize
+                    e.div_(u_diag[j])
+                    if j + 1 < i2 - i1:  # spread its error onto the block's later columns
+                        W1[j + 1:].addr_(u_rows[j][j + 1:], e, alpha=-1)
             if grid is None:
-                # each row of W1 is as it was when it was quantised (the updates only touch later rows): codes in one go
                 s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
-                codes[i1:i2] = quantize_codes(W1, s, z, spec.maxq)
                 Q[i1:i2] = dequantize(codes[i1:i2], s, z)
+            else:  # BlockGrid.values of the codes
+                torch.mul(g_scale[i1:i2], codes[i1:i2], out=Q[i1:i2]).sub_(g_offset[i1:i2])
             losses += Err1.square().sum(0) / 2
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of the columns after this block
 
         if perm is not None:  # back to the original column order: rows of the transposed results
             inv = torch.argsort(perm)
-            Q, codes = Q[inv], codes[inv]
+            Q, codes = Q.index_select(0, inv), codes.index_select(0, inv)
         Q, codes = Q.t(), codes.t()
         if grid is not None:
             return QuantResult(codes.to(torch.int16).contiguous(), None, None, None, Q.contiguous(), damp_used,
@@ -239,7 +254,7 @@ class GPTQ:
         if self._factored is not None and self._factored[0] is self.H and self._factored[1] == key:
             return self._factored[2]
         H = self.H.to(device).clone()
-        if not torch.isfinite(H).all():
+        if not all_finite(H):
             raise UserError("the calibration Hessian overflowed float32; check the model's activations")
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
@@ -248,12 +263,15 @@ class GPTQ:
             perm = torch.argsort(torch.diag(H), descending=True)
         elif group_aware:
             perm = group_aware_order(torch.diag(H), glen)
-        Hinv, damp_used = _inverse_cholesky(H if perm is None else H[perm][:, perm], damp)
+        Hinv, damp_used = _inverse_cholesky(H if perm is None else H.index_select(0, perm).index_select(1, perm), damp)
         self._factored = (self.H, key, (H, dead, perm, Hinv, damp_used))
         return self._factored[2]
 
-    def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor, result: QuantResult | None = None) -> float:
+    def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor, result: QuantResult | None = None,
+                     dtype: torch.dtype = torch.float32) -> float:
         """Relative output error ||X(W - Q)^T|| / ||XW^T|| over the calibration tokens, computed from H.
+        `dtype`: the products of the denominator's quadratic form (bfloat16: half the time where the CPU has bf16
+        units, within ~1e-4 of float32's value; the sums stay float32).
 
         With `result`, the solve of this Hessian that made `dequantized`, the numerator is the solver's own: its loss
         (sum of err^2 / d^2 / 2 over the columns) is half of D0 (Hm + lambda I) D0^T exactly (each step's error
@@ -262,7 +280,7 @@ class GPTQ:
         ||X(W - Q)^T||^2 = 2 loss - lambda ||D0||^2 - ||Q_dead||^2, and only ||XW^T||^2 is a quadratic form."""
         W = weight.float().to(self.H.device)
         Q = dequantized.float().to(self.H.device)
-        den = _quadratic(W, self.H)
+        den = _quadratic(W, self.H, dtype)
         if result is not None and result.loss > 0 and self._factored is not None and self._factored[0] is self.H:
             Hm, dead = self._factored[2][:2]
             lam = result.damp_used * float(torch.diag(Hm).mean())
@@ -286,16 +304,18 @@ def _block_edges(k: int, width: int = HESSIAN_BLOCK) -> list[int]:
     return [i * k // n // 64 * 64 for i in range(n)] + [k]
 
 
-def _quadratic(A: torch.Tensor, H: torch.Tensor) -> float:
+def _quadratic(A: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """sum over the rows a of A of a^T H a, for symmetric H: each block row of H up to its diagonal block only (the
-    blocks left of it count twice), a bit over half the GEMM work of A H."""
+    blocks left of it count twice), a bit over half the GEMM work of A H. The products in `dtype`, the dot products
+    with the float32 rows and the sums in float32."""
     edges = _block_edges(H.shape[0])
+    Ad, Hd = A.to(dtype), H.to(dtype)
     total = 0.0
     for a, b in zip(edges, edges[1:]):
         Ab = A[:, a:b]
-        total += float(torch.linalg.vecdot(Ab @ H[a:b, a:b], Ab).sum())
+        total += float(torch.linalg.vecdot((Ad[:, a:b] @ Hd[a:b, a:b]).float(), Ab).sum())
         if a:
-            total += 2 * float(torch.linalg.vecdot(A[:, :a] @ H[a:b, :a].t(), Ab).sum())
+            total += 2 * float(torch.linalg.vecdot((Ad[:, :a] @ Hd[a:b, :a].t()).float(), Ab).sum())
     return total
 
 
@@ -313,7 +333,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             U = _triangular_inverse(L.flip(0, 1))
-            if bool(torch.isfinite(U).all()):
+            if all_finite(U):
                 return U, d
         last, d = d, (0.01 if d == 0 else d * 10)
     raise UserError(f"the Hessian is not positive definite even with damping {last:g}; "
@@ -327,7 +347,8 @@ def _triangular_inverse(R: torch.Tensor, base: int = 512) -> torch.Tensor:
     if k <= base:
         return torch.linalg.solve_triangular(R, torch.eye(k, dtype=R.dtype, device=R.device), upper=True)
     h = k // 2
-    out = torch.zeros_like(R)
+    out = torch.empty_like(R)
+    out[h:, :h] = 0
     out[:h, :h] = A = _triangular_inverse(R[:h, :h], base)
     out[h:, h:] = C = _triangular_inverse(R[h:, h:], base)
     out[:h, h:] = -(A @ R[:h, h:]) @ C

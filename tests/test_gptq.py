@@ -410,3 +410,22 @@ def test_stacked_solve_is_the_separate_solves(grid):
         assert part is parts[0] or part.codes.untyped_storage().data_ptr() != first  # no storage shared between parts
     with pytest.raises(ValueError, match="add up"):
         parts[0].split([10])
+
+
+def test_flush_denormals_is_scoped():
+    """Inside, a float32 denormal computes as 0; outside, the mode the caller had (off, or on) is back."""
+    from minicpm_edge.quant.grid import flush_denormals
+
+    tiny = torch.tensor([1e-39])
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    with flush_denormals():
+        assert (tiny * 1.0).item() == 0
+    assert (tiny * 1.0).item() != 0
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormals():
+            pass
+        assert (tiny * 1.0).item() == 0
+    finally:
+        torch.set_flush_denormal(False)

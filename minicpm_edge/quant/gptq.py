@@ -15,7 +15,8 @@ import torch
 
 from ..errors import UserError
 from ..model.checkpoint import all_finite
-from .grid import QuantSpec, dequantize, find_params, group_params, make_g_idx, one_thread, quantize_codes
+from .grid import (QuantSpec, dequantize, find_params, flush_denormals, group_params, make_g_idx, one_thread,
+                   quantize_codes)
 from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
@@ -263,7 +264,9 @@ class GPTQ:
             perm = torch.argsort(torch.diag(H), descending=True)
         elif group_aware:
             perm = group_aware_order(torch.diag(H), glen)
-        Hinv, damp_used = _inverse_cholesky(H if perm is None else H.index_select(0, perm).index_select(1, perm), damp)
+        with flush_denormals():
+            Hinv, damp_used = _inverse_cholesky(H if perm is None else H.index_select(0, perm).index_select(1, perm),
+                                                damp)
         self._factored = (self.H, key, (H, dead, perm, Hinv, damp_used))
         return self._factored[2]
 

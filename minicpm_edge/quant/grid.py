@@ -115,6 +115,20 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
 
 
 @contextmanager
+def flush_denormals():
+    """Float32 values below 2^-126 (denormals) read and computed as 0 inside (the CPU's flush-to-zero mode, torch's
+    set_flush_denormal): far below anything a Hessian or a weight holds, while some CPUs take microcode assists per
+    denormal operand. The Cholesky factorisation and inverse of a MiniCPM-2B down_proj Hessian measured 2.2 -> 1.6 s.
+    The mode as it was is restored on leaving."""
+    was = bool((torch.tensor([1e-39]) * 1.0).item() == 0)  # already flushing: a denormal reads as 0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+
+
+@contextmanager
 def one_thread(device: torch.device):
     """torch on one CPU thread inside: for loops of small operations, where more threads only add synchronisation
     (and, on a busy machine, wait for a descheduled worker at every operation: the weighted search on 2 threads
@@ -134,9 +148,12 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     """The "weighted" search of find_params: (scale, zero) per row, never worse than the max-based grid it starts at.
 
     A candidate (s, z) with codes d (centred: q - z) has weighted error sum imp*(w - s*d)^2 = C - 2*s*A + s^2*B with
-    A = sum imp*w*d, B = sum imp*d^2 and C = sum imp*w^2 per row, and its codes' least-squares scale is A / B: one
-    pass to make d and two dot products per candidate. The sums are float32 over a group, combined in float64; a
-    candidate must win by more than their rounding (1e-6 C) to replace the best.
+    A = sum imp*w*d, B = sum imp*d^2 and C = sum imp*w^2 per row. One rounding per candidate gives A and B, which
+    judge the candidate and also its codes' least-squares scale A / B (fp16): judged on the codes it was fitted to,
+    an upper bound of its own rounding's error, so the refit costs no second rounding (the weighted error measured
+    +0.06% symmetric / -1.5% asymmetric against judging each refit on its own codes, for 0.65-0.7x the time).
+    The sums are float32 over a group, combined in float64; a candidate must win by more than their rounding
+    (1e-6 C) to replace the best.
     """
     imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
     iw = imp * w
@@ -145,36 +162,31 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     margin = 1e-6 * C
     d, idd = torch.empty_like(w), torch.empty_like(w)
     half = (spec.maxq + 1) // 2
+    best = torch.full_like(C, float("inf"))
 
-    def judge(s, z):
-        """Weighted error of (s, z) per row (float64), and the least-squares scale of its codes (fp16, sign kept)."""
+    def consider(s, z):
+        """Offer (s, z) and the least-squares scale of its codes with z; the best so far is kept per row."""
+        nonlocal best, scale, zero
         torch.mul(w, (1 / s)[:, None], out=d).round_()
         if spec.sym:  # z is the centre for every row
             d.clamp_(-half, spec.maxq - half)
         else:
             d.add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
-        A = dot(iw, d)
-        B = dot(torch.mul(imp, d, out=idd), d)
-        s64 = s.double()
-        err = C - 2 * s64 * A.double() + s64 * s64 * B.double()
-        ls = torch.where(B > 0, A / B.clamp(min=1e-30), s)
-        return err, _fp16_scale(ls, s)
+        A = dot(iw, d).double()
+        B = dot(torch.mul(imp, d, out=idd), d).double()
+        refit = _fp16_scale(torch.where(B > 0, A / B.clamp(min=1e-30), s.double()).float(), s)
+        for cand in (s, refit):
+            c = cand.double()
+            err = C - 2 * c * A + c * c * B
+            better = err < best - margin
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, cand, scale), torch.where(better, z, zero)
 
-    best, _ = judge(scale, zero)
-
-    def consider(s, z):
-        nonlocal best, scale, zero
-        err, ls = judge(s, z)
-        better = err < best - margin
-        best = torch.where(better, err, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-        return ls
-
+    consider(scale, zero)
     lo_p, hi_p = SEARCH_RANGE
     for i in range(SEARCH_STEPS):
         p = lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1)
-        s, z = _params(p * lo, p * hi, spec)
-        consider(consider(s, z), z)  # the candidate, then the scale that fits its codes best (judged on its own codes)
+        consider(*_params(p * lo, p * hi, spec))
     if not spec.sym:  # the zero point one step either side of the best, in 1..maxq (see _params)
         for step in (-1, 1):
             consider(scale, torch.clamp(zero + step, 1, spec.maxq))

@@ -246,6 +246,18 @@ def test_sharded_output_equals_single_file(bundled, quantized, tmp_path, monkeyp
     assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
 
 
+def test_recomputed_inputs_equal_kept_ones(bundled, quantized, tmp_path, monkeypatch):
+    """With no memory to keep a layer's inputs (KEEP_BYTES 0), each pass makes its own normed inputs and the residual
+    update recomputes down_proj's: the same checkpoint, bit for bit, and the same report (GPTAQ's two streams)."""
+    from minicpm_edge.quant import driver
+
+    monkeypatch.setattr(driver, "KEEP_BYTES", 0)
+    out = quantize_checkpoint(bundled, tmp_path / "recomputed", QuantOptions(**FAST))
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(quantized[0] / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert module_errors(out) == module_errors(quantized[0])
+
+
 def heldout_kl(ref_dir, q_dir) -> float:
     ref, q = load_model(Checkpoint(ref_dir)), load_model(Checkpoint(q_dir))
     tok = Tokenizer(ref_dir / "tokenizer.model")

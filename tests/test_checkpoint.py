@@ -26,6 +26,26 @@ def test_formats_and_dtypes_read_back(tmp_path, fmt, shards, dtype):
     assert set(layer) == {k[len("model.layers.2."):] for k in state if k.startswith("model.layers.2.")}
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_loaded_models_own_their_weights(tmp_path, fmt):
+    """load_model / load_layer take Checkpoint.tensor's tensors without copying them: each read is the caller's own,
+    so changing a loaded model's weights in place leaves the checkpoint (and the next model read from it) as it was,
+    also where the files are held as one loaded dict (pytorch_model.bin) and no dtype conversion copies."""
+    from minicpm_edge.model import load_layer, load_model
+
+    state = random_state(TINY)
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "m", TINY, state, fmt))
+    model, layer = load_model(ckpt), load_layer(ckpt, 1)
+    with torch.no_grad():
+        for p in [*model.parameters(), *layer.parameters()]:
+            p.add_(1.0)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(ckpt.tensor(name), state[name])
+    assert torch.equal(ckpt.embedding(), state["model.embed_tokens.weight"])
+    assert torch.equal(load_layer(ckpt, 1).mlp.down_proj.weight, state[name])
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_untied_checkpoint_has_head(tmp_path):
     ckpt = Checkpoint(write_checkpoint(tmp_path / "m", TINY, random_state(TINY, lm_head=True)))
     assert not ckpt.config.tie_word_embeddings and ckpt.lm_head().shape == (300, 64)

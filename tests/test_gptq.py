@@ -328,6 +328,20 @@ def test_gptaq_target_is_the_exact_asymmetric_objective(calib):
     assert torch.equal(same.target(w), w) and torch.equal(solver(x).target(w), w)  # no native inputs: W
 
 
+@pytest.mark.parametrize("order", [{}, dict(act_order=True, static_groups=True)])
+def test_gptaq_target_of_stacked_rows_is_each_rows_target(calib, order):
+    """A matrix with more rows than inputs (q, k, v or gate, up stacked) takes the correction through the K x K
+    product first: the same target, row for row, as its parts' (fewer rows than inputs, through W dXX^T first)."""
+    x, _, _ = calib
+    g = GPTQ(x.shape[1])
+    g.add_batch(x, native=x + 0.1 * correlated(seed=5))
+    tall = weight(3 * x.shape[1], x.shape[1], seed=9)
+    spec = QuantSpec(4, 32, True)
+    whole = g.target(tall, 0.5, 0.01, spec, **order)
+    parts = torch.cat([g.target(w, 0.5, 0.01, spec, **order) for w in tall.split(x.shape[1] // 2)])
+    assert (whole - parts).norm() < 1e-4 * (whole - tall).norm() and not torch.equal(whole, tall)
+
+
 def test_gptaq_beats_gptq_on_its_objective(calib):
     """Quantising W* rather than W lowers the error against the unquantised outputs, ||Q X - W Xn||."""
     x, w, _ = calib
@@ -369,18 +383,24 @@ def test_gptaq_target_damps_more_when_the_hessian_is_singular():
 
 
 def test_gptaq_target_factorises_once_per_hessian(calib, monkeypatch):
-    """q, k, v (and gate, up) read one Hessian: target factorises it once, again only after H changes."""
+    """q, k, v (and gate, up) read one Hessian: target and quantize (with the same options) share one factorisation,
+    made again only after H changes; in act order the target is the same weight (the order is only the factor's)."""
     x, w, _ = calib
     g = GPTQ(x.shape[1])
     g.add_batch(x[:512], native=x[:512] * 1.02)
     calls = []
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = g.target(w)
-    assert torch.equal(g.target(w), first) and len(calls) == 1
+    spec, order = QuantSpec(4, 32, True), dict(act_order=True, static_groups=True)
+    first = g.target(w, 1.0, 0.01, spec, **order)
+    assert torch.equal(g.target(w, 1.0, 0.01, spec, **order), first) and len(calls) == 1
+    g.quantize(first, spec, 0.01, **order)
+    assert len(calls) == 1
+    natural = g.target(w, 1.0, 0.01, spec)
+    assert len(calls) == 2 and (natural - first).norm() < 1e-4 * (natural - w).norm()
     g.add_batch(x[512:1024], native=x[512:1024] * 1.02)
     g.target(w)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("grid", ["v1", "Q4_K", "Q5_0"])

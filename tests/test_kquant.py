@@ -49,6 +49,22 @@ def test_gptq_beats_rtn_on_every_grid(calib, name):
     assert eg < 0.72 * er, (eg, er)  # measured 0.55-0.66
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0"])
+def test_grid_fitted_in_row_slices_is_the_whole_fit(name, monkeypatch):
+    """fit_grid takes large matrices in slices of rows (cache-sized): every row's grid is the one a single pass finds,
+    bit for bit, also where the slices are uneven."""
+    from minicpm_edge.quant import kquant
+
+    w = weight(50, K, seed=6) * torch.linspace(0.2, 2, K)
+    imp = torch.rand(K, generator=torch.Generator().manual_seed(7)) + 0.01
+    whole = fit_grid(w, TYPES[name], imp)
+    monkeypatch.setattr(kquant, "FIT_ELEMENTS", 7 * K)  # 8 slices: 7 of 7 rows, one of 1
+    sliced = fit_grid(w, TYPES[name], imp)
+    for f in ("d", "dmin", "sc", "m", "scale", "offset"):
+        a, b = getattr(whole, f), getattr(sliced, f)
+        assert (a is None and b is None) or torch.equal(a, b), f
+
+
 def test_weighted_search_beats_unweighted_where_it_counts():
     """The Hessian-diagonal weighting spends the grid on the columns that matter."""
     w = weight(64, K, seed=5)

@@ -175,6 +175,8 @@ class Checkpoint:
         try:
             raw = h[name] if isinstance(h, dict) else h.get_tensor(name)
             t = (raw if dtype is None else raw.to(dtype)).contiguous()
+            if isinstance(h, dict) and t.data_ptr() == raw.data_ptr():
+                t = t.clone()  # the loaded dict's own tensor: every caller gets one of its own, free to change
         except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
             raise UserError(f"{self._where[name]}: cannot read {name} ({_short(e)})") from None
         if t.is_floating_point() and not all_finite(t):

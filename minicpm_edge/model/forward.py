@@ -249,7 +249,8 @@ class MiniCPM(nn.Module):
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
     """The whole model in memory (small models, tests, reference runs)."""
-    model = MiniCPM(ckpt.config)
+    with torch.device("meta"):  # no random initialisation of weights that the checkpoint's replace
+        model = MiniCPM(ckpt.config)
     state = {n.removeprefix("model."): ckpt.tensor(n, dtype) for n in ckpt.names if not n.startswith("model.layers.")}
     for i in range(ckpt.config.num_hidden_layers):
         state.update({f"layers.{i}.{k}": v for k, v in ckpt.layer_state(i, dtype).items()})
@@ -260,7 +261,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
 
 def load_layer(ckpt: Checkpoint, i: int, dtype: torch.dtype = torch.float32) -> DecoderLayer:
     """Decoder layer i alone, for streaming through a model that does not fit in memory."""
-    layer = DecoderLayer(ckpt.config)
+    with torch.device("meta"):
+        layer = DecoderLayer(ckpt.config)
     state = {k: v for k, v in ckpt.layer_state(i, dtype).items() if not k.endswith("rotary_emb.inv_freq")}
     _load_state(layer, state, ckpt, f"model.layers.{i}.")
     return layer.to(dtype).eval()
@@ -279,4 +281,6 @@ def _load_state(module: nn.Module, state: dict, ckpt: Checkpoint, prefix: str) -
     if bad is not None:
         raise UserError(f"{ckpt.dir}: {prefix}{bad} has shape {list(state[bad].shape)}, the model expects "
                         f"{list(expected[bad].shape)}")
-    module.load_state_dict(state, strict=True)  # what is missing Checkpoint has already refused
+    # built on the meta device (no random initialisation), it takes the checkpoint's tensors themselves, which
+    # Checkpoint.tensor makes for each caller; what is missing Checkpoint has already refused
+    module.load_state_dict(state, strict=True, assign=True)

@@ -273,8 +273,9 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
             ws = [originals.pop(name) for name in group]
             w = torch.cat(ws) if len(ws) > 1 else ws[0]
             if opts.method == "gptq":
-                w = hessian.target(w, opts.gptaq, opts.damp) if native is not None else w
-                r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **opts.column_order)
+                order = opts.column_order
+                w = hessian.target(w, opts.gptaq, opts.damp, opts.spec, **order) if native is not None else w
+                r = hessian.quantize(w, opts.spec, opts.damp, search=opts.search, block=block, **order)
             else:
                 r = rtn(w, opts.spec, opts.search, torch.diag(hessian.H), block=block)
             sizes = [x.shape[0] for x in ws]

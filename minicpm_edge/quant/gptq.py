@@ -20,6 +20,7 @@ from .grid import (QuantSpec, dequantize, find_params, flush_denormals, group_pa
 from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
+INNER = 32  # columns per run inside a block whose errors are spread one by one (then onto the rest in one product)
 HESSIAN_BLOCK = 384  # block width of the symmetric X^T X: narrower saves flops, wider runs the GEMMs faster
 
 
@@ -67,7 +68,6 @@ class GPTQ:
         self.n = 0
         self.dXXt = None  # GPTAQ: (2/n) sum (x_native - x) x^T, when add_batch is given the unquantised model's inputs
         self._factored = None  # (H it was computed from, key, _factor's result): shared by Linears on the same inputs
-        self._target_factor = None  # (key, Cholesky factor of the damped H, dead inputs) for target
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None, native: torch.Tensor | None = None) -> None:
         """x [..., K]; mask [...] (True for real tokens) leaves padding out of H and out of the token count.
@@ -113,34 +113,34 @@ class GPTQ:
             d = (native - x).t() @ x
             self.dXXt.mul_(beta).add_(d.float(), alpha=alpha)
 
-    def target(self, weight: torch.Tensor, alpha: float = 1.0, damp: float = 0.01) -> torch.Tensor:
+    def target(self, weight: torch.Tensor, alpha: float = 1.0, damp: float = 0.01, spec: QuantSpec | None = None,
+               act_order: bool = False, static_groups: bool = False, group_aware: bool = False) -> torch.Tensor:
         """The weight GPTQ should aim at so that its quantised Linear, fed the quantised model's inputs X, matches
         the unquantised Linear fed the unquantised model's inputs Xn (GPTAQ's asymmetric calibration).
 
         min_Q ||Q X - W Xn||^2 = ||(Q - W*) X||^2 + const exactly, for W* = W Xn X^T (X X^T)^-1; with GPTQ's
         damping lambda as a pull towards W, W* = W + W dXX^T (H + lambda I)^-1, dXX^T = (Xn - X) X^T. `alpha`
-        scales the correction (0: W itself, plain GPTQ; 1: the whole of it). Without native inputs: W."""
+        scales the correction (0: W itself, plain GPTQ; 1: the whole of it). Without native inputs: W.
+        The other keywords are quantize's: (H + lambda I)^-1 = U^T U comes from the factorisation quantize then
+        uses (U = its inverse upper Cholesky factor, in its column order), made once for both."""
         W = weight.detach().to(self.H.device, torch.float32)
         if self.dXXt is None or alpha == 0:
             return W
-        key = (self.H._version, self.dXXt._version, damp)  # the Linears on one Hessian share one factorisation
-        if self._target_factor is None or self._target_factor[0] != key:
-            H = self.H.clone()
-            dead = torch.diag(H) == 0
-            H[dead, dead] = 1
-            mean_diag, d = float(torch.diag(H).mean()), damp
-            for _ in range(DAMP_TRIES):  # as _inverse_cholesky: damping x10 per failed factorisation
-                L, info = torch.linalg.cholesky_ex(H + d * mean_diag * torch.eye(self.k, device=H.device))
-                if int(info) == 0:
-                    break
-                d = 0.01 if d == 0 else d * 10
-            else:
-                raise UserError("the calibration Hessian is not positive definite even with damping "
-                                f"{d / 10:g}; give more or more varied calibration text")
-            self._target_factor = (key, L, dead)
-        _, L, dead = self._target_factor
-        # (W dXX^T) H^-1 = (H^-1 (dXX^T)^T W^T)^T, H symmetric
-        corr = torch.cholesky_solve((W @ self.dXXt).t().contiguous(), L).t()
+        spec = spec or QuantSpec()
+        glen = spec.group_len(self.k)
+        _, dead, perm, U, _ = self._factor(W.device, damp, act_order, group_aware and spec.group_size != -1, glen)
+
+        def inverse_times(B):  # (H + lambda I)^-1 B = P^T U^T U P B, P the factor's column order
+            B = B.contiguous() if perm is None else B.index_select(0, perm)
+            Y = U.t() @ (U @ B)
+            return Y if perm is None else Y.index_select(0, torch.argsort(perm))
+
+        # W dXX^T H^-1 from the cheaper end: 3 N K^2 flops, or 2 K^3 + N K^2 through the K x K (dXX^T H^-1)^T when
+        # the matrix has more rows than inputs (q, k, v and gate, up stacked)
+        if W.shape[0] > self.k:
+            corr = W @ inverse_times(self.dXXt.t()).t()
+        else:
+            corr = inverse_times((W @ self.dXXt).t()).t()
         W = W + alpha * corr
         W[:, dead] = 0
         return W
@@ -199,13 +199,21 @@ class GPTQ:
         else:
             s_rows, z_rows = scales.unbind(0), zeros.unbind(0)  # views: find_params' writes below show through
             shifted = torch.empty(n_out, device=dev)
+        # a block's columns go in runs of INNER: each column's error spread onto the run's later columns one by one,
+        # a finished run's onto the block's later columns in one product. Groups found on the updated weights need
+        # every group to start a run (so that its columns hold all the updates before it).
+        run = INNER if static or (glen % INNER == 0 and blocksize % INNER == 0) else blocksize
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
+            m = i2 - i1
             W1, U1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1: a view, updated in place
-            Err1 = torch.empty_like(W1)
-            w_rows, e_rows, u_rows, u_diag = W1.unbind(0), Err1.unbind(0), U1.unbind(0), torch.diag(U1).tolist()
+            Err1 = torch.empty_like(W1)  # each column's rounding error, divided by its U diagonal once its run ends
+            w_rows, e_rows, u_rows = W1.unbind(0), Err1.unbind(0), U1.unbind(0)
+            u_diag = torch.diag(U1)
+            spread = (-1 / u_diag).tolist()  # alpha of each column's rank-1 update: its error divided by the diagonal
+            ends = [min((j // run + 1) * run, m) for j in range(m)]
             with one_thread(dev):  # one row per step: threads would only add synchronisation
-                for j in range(i2 - i1):
+                for j in range(m):
                     i, w, e = i1 + j, w_rows[j], e_rows[j]
                     q = code_rows[i]
                     if grid is not None:  # a GGML block grid: BlockGrid.codes, per column; err = w - (s q - o)
@@ -226,9 +234,14 @@ class GPTQ:
                         s, z = s_rows[g], z_rows[g]
                         torch.div(w, s, out=q).round_().add_(z).clamp_(0, spec.maxq)  # quantize_codes
                         torch.addcmul(w, s, torch.sub(q, z, out=shifted), value=-1, out=e)  # w - dequantize
-                    e.div_(u_diag[j])
-                    if j + 1 < i2 - i1:  # spread its error onto the block's later columns
-                        W1[j + 1:].addr_(u_rows[j][j + 1:], e, alpha=-1)
+                    s2 = ends[j]
+                    if j + 1 < s2:  # spread its error onto the run's later columns
+                        W1[j + 1:s2].addr_(u_rows[j][j + 1:s2], e, alpha=spread[j])
+                        continue
+                    s1 = (s2 - 1) // run * run  # the run done: its errors divided, then onto the block's later columns
+                    Err1[s1:s2].div_(u_diag[s1:s2, None])
+                    if s2 < m:
+                        W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
             if grid is None:
                 s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
                 Q[i1:i2] = dequantize(codes[i1:i2], s, z)

@@ -246,12 +246,17 @@ def test_sharded_output_equals_single_file(bundled, quantized, tmp_path, monkeyp
     assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
 
 
-def test_recomputed_inputs_equal_kept_ones(bundled, quantized, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", ["none", "normed only"])
+def test_recomputed_inputs_equal_kept_ones(bundled, quantized, tmp_path, monkeypatch, budget):
     """With no memory to keep a layer's inputs (KEEP_BYTES 0), each pass makes its own normed inputs and the residual
-    update recomputes down_proj's: the same checkpoint, bit for bit, and the same report (GPTAQ's two streams)."""
+    update recomputes down_proj's; with room for the normed inputs only, down_proj's are recomputed from them: the
+    same checkpoint, bit for bit, and the same report (GPTAQ's two streams) as with everything kept."""
     from minicpm_edge.quant import driver
 
-    monkeypatch.setattr(driver, "KEEP_BYTES", 0)
+    cfg = Checkpoint(bundled).config
+    assert cfg.intermediate_size > 2 * cfg.hidden_size  # one budget: the normed inputs fit (fp32), down's not (bf16)
+    normed_fp32 = 2 * FAST["nsamples"] * FAST["seqlen"] * cfg.hidden_size * 4
+    monkeypatch.setattr(driver, "KEEP_BYTES", 0 if budget == "none" else normed_fp32)
     out = quantize_checkpoint(bundled, tmp_path / "recomputed", QuantOptions(**FAST))
     got, want = load_file(str(out / "model.safetensors")), load_file(str(quantized[0] / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

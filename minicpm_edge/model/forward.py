@@ -249,7 +249,7 @@ class MiniCPM(nn.Module):
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> MiniCPM:
     """The whole model in memory (small models, tests, reference runs)."""
-    with torch.device("meta"):  # no random initialisation of weights that the checkpoint's replace
+    with torch.device("meta"):  # no random initialisation of weights the checkpoint's tensors replace
         model = MiniCPM(ckpt.config)
     state = {n.removeprefix("model."): ckpt.tensor(n, dtype) for n in ckpt.names if not n.startswith("model.layers.")}
     for i in range(ckpt.config.num_hidden_layers):

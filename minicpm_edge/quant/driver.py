@@ -288,11 +288,14 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
                 records[name] = GGMLLinear.from_result(ri) if block else QuantizedLinear.from_result(ri, opts.spec)
                 layer.get_submodule(name).weight.data = ri.dequantized.to(dt)
 
+    def fits(width: int) -> bool:
+        """Whether inputs `width` wide for every calibration token, of both streams with GPTAQ, fit in KEEP_BYTES."""
+        return (1 if native is None else 2) * n * h.shape[1] * width * torch.finfo(dt).bits // 8 <= KEEP_BYTES
+
     def normed(norm: str) -> list | None:
         """The norm's output on each chunk of both streams (the native stream's None without GPTAQ), made once for
-        the two groups that read it; None where they would take more than KEEP_BYTES (each pass then makes its own)."""
-        streams = 1 if native is None else 2
-        if streams * n * h.shape[1] * hidden * torch.finfo(dt).bits // 8 > KEEP_BYTES:
+        the two groups that read it; None where they do not fit (each pass then makes its own)."""
+        if not fits(hidden):
             return None
         with torch.no_grad():
             return [(layer.get_submodule(norm)(h[c].to(dt)),
@@ -357,8 +360,7 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     solve(groups[2], H)
     # down's inputs (intermediate-sized, the largest activations) are kept for the residual update when they fit in
     # KEEP_BYTES (saving a second pass through gate and up), recomputed otherwise
-    streams = 1 if native is None else 2
-    keep = streams * n * h.shape[1] * layer.mlp.down_proj.in_features * torch.finfo(dt).bits // 8 <= KEEP_BYTES
+    keep = fits(layer.mlp.down_proj.in_features)
     H, acts, acts_fp = collect(layer.mlp.down_proj.in_features, lambda m, x: m.mlp.hidden(x),
                                "post_attention_layernorm", pre, keep=keep, free=keep)
     solve(groups[3], H)

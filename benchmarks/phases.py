@@ -1,6 +1,9 @@
 """Where `minicpm-edge quantize` spends its time: per-phase seconds, measured from outside the product code.
 
-  python benchmarks/phases.py OUT.json quantize MODEL --out DIR ...   (then any `minicpm-edge quantize` arguments)
+  python benchmarks/phases.py [--torch-loops] OUT.json quantize MODEL --out DIR ...   (then `minicpm-edge quantize`'s)
+
+--torch-loops runs the solver's column runs and the grid search's code sums as torch operations instead of the
+compiled loops (quant/kernels.py), for a before / after of the same code.
 
 Wraps the functions each phase runs in with timers, runs the CLI in this process and writes {phase: seconds} to
 OUT.json. Each phase counts its own time only (time in a wrapped function it calls goes to that function's phase):
@@ -79,7 +82,13 @@ def install() -> dict[str, float]:
 
 
 def main() -> None:
-    out, argv = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    if args[:1] == ["--torch-loops"]:
+        from minicpm_edge.quant import kernels
+
+        kernels.usable = lambda *tensors: False
+        args = args[1:]
+    out, argv = args[0], args[1:]
     install()
     from minicpm_edge import cli  # after install: the CLI takes quantize_checkpoint from driver when it runs
 

@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..model.checkpoint import all_finite
 from .grid import (QuantSpec, dequantize, find_params, flush_denormals, group_params, make_g_idx, one_thread,
                    quantize_codes)
+from . import kernels
 from .kquant import BlockGrid, BlockType, fit_grid
 
 DAMP_TRIES = 8  # damping grows x10 per failed Cholesky factorisation, at most this many attempts
@@ -190,58 +191,42 @@ class GPTQ:
         group = torch.tensor([c // glen for c in order], device=dev)  # group of each processed column
         codes, Q = torch.empty_like(Wt), torch.empty_like(Wt)
         losses = torch.zeros(n_out, device=dev)
-        code_rows = codes.unbind(0)  # row views made once: indexing per column costs more than the column's arithmetic
         if grid is not None:  # each column's scale and offset as contiguous rows in processing order; a zero scale
             cols = torch.tensor(order, device=dev) // block.sub  # divides to code 0, as BlockGrid.codes gives it
             g_scale, g_offset = grid.scale.t()[cols].contiguous(), grid.offset.t()[cols].contiguous()
             g_div = torch.where(g_scale == 0, torch.full_like(g_scale, math.inf), g_scale)
-            s_rows, o_rows, div_rows = g_scale.unbind(0), g_offset.unbind(0), g_div.unbind(0)
-        else:
-            s_rows, z_rows = scales.unbind(0), zeros.unbind(0)  # views: find_params' writes below show through
-            shifted = torch.empty(n_out, device=dev)
         # a block's columns go in runs of INNER: each column's error spread onto the run's later columns one by one,
-        # a finished run's onto the block's later columns in one product. Groups found on the updated weights need
-        # every group to start a run (so that its columns hold all the updates before it).
-        run = INNER if static or (glen % INNER == 0 and blocksize % INNER == 0) else blocksize
+        # a finished run's onto the block's later columns in one product. Groups found on the updated weights start
+        # a run of their own (so that its columns hold all the updates before it).
+        # the runs' column loops: compiled for CPU tensors, torch operations elsewhere
+        grid_solve, group_solve = (kernels.grid_run, kernels.group_run) if kernels.usable(Wt, Hinv) else \
+            (grid_run, group_run)
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
             m = i2 - i1
             W1, U1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1: a view, updated in place
             Err1 = torch.empty_like(W1)  # each column's rounding error, divided by its U diagonal once its run ends
-            w_rows, e_rows, u_rows = W1.unbind(0), Err1.unbind(0), U1.unbind(0)
             u_diag = torch.diag(U1)
-            spread = (-1 / u_diag).tolist()  # alpha of each column's rank-1 update: its error divided by the diagonal
-            ends = [min((j // run + 1) * run, m) for j in range(m)]
-            with one_thread(dev):  # one row per step: threads would only add synchronisation
-                for j in range(m):
-                    i, w, e = i1 + j, w_rows[j], e_rows[j]
-                    q = code_rows[i]
-                    if grid is not None:  # a GGML block grid: BlockGrid.codes, per column; err = w - (s q - o)
-                        if block.has_min:
-                            torch.add(w, o_rows[i], out=q).div_(div_rows[i])
-                        else:
-                            torch.div(w, div_rows[i], out=q)
-                        q.round_().clamp_(block.lo, block.hi)
-                        torch.addcmul(w, s_rows[i], q, value=-1, out=e)
-                        if block.has_min:
-                            e.add_(o_rows[i])
-                    else:
-                        g = order[i] // glen
-                        if not static and i % glen == 0:  # entering a group (contiguous): its columns as updated
-                            inside = min(glen, i2 - i1 - j)  # the rest of the group lies after this block
-                            cols = W1[j:j + glen] if inside == glen else torch.cat([W1[j:], Wt[i2:i2 + glen - inside]])
-                            scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[i:i + glen])
-                        s, z = s_rows[g], z_rows[g]
-                        torch.div(w, s, out=q).round_().add_(z).clamp_(0, spec.maxq)  # quantize_codes
-                        torch.addcmul(w, s, torch.sub(q, z, out=shifted), value=-1, out=e)  # w - dequantize
-                    s2 = ends[j]
-                    if j + 1 < s2:  # spread its error onto the run's later columns
-                        W1[j + 1:s2].addr_(u_rows[j][j + 1:s2], e, alpha=spread[j])
-                        continue
-                    s1 = (s2 - 1) // run * run  # the run done: its errors divided, then onto the block's later columns
-                    Err1[s1:s2].div_(u_diag[s1:s2, None])
-                    if s2 < m:
-                        W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
+            spread = -1 / u_diag  # alpha of each column's rank-1 update: its error divided by the diagonal
+            cuts = set(range(0, m, INNER)) | ({j for j in range(m) if (i1 + j) % glen == 0} if not static else set())
+            cuts = sorted(cuts | {m})
+            for s1, s2 in zip(cuts, cuts[1:]):
+                a1, a2 = i1 + s1, i1 + s2
+                if not static and a1 % glen == 0:  # entering a group (contiguous): its columns as updated
+                    g = order[a1] // glen
+                    inside = min(glen, m - s1)  # the rest of the group lies after this block
+                    cols = W1[s1:s1 + glen] if inside == glen else torch.cat([W1[s1:], Wt[i2:i2 + glen - inside]])
+                    scales[g], zeros[g] = find_params(cols.t(), spec, search, diag[a1:a1 + glen])
+                W, U, E = W1[s1:s2], U1[s1:s2, s1:s2], Err1[s1:s2]
+                if grid is not None:
+                    grid_solve(W, U, g_scale[a1:a2], g_offset[a1:a2], g_div[a1:a2], block.lo, block.hi,
+                               block.has_min, spread[s1:s2], codes[a1:a2], E)
+                else:
+                    g = group[a1:a2]
+                    group_solve(W, U, scales[g], zeros[g], spec.maxq, spread[s1:s2], codes[a1:a2], E)
+                E.div_(u_diag[s1:s2, None])  # the run done: its errors divided, then onto the block's later columns
+                if s2 < m:
+                    W1[s2:].addmm_(U1[s1:s2, s2:].t(), E, alpha=-1)
             if grid is None:
                 s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
                 Q[i1:i2] = dequantize(codes[i1:i2], s, z)
@@ -305,6 +290,42 @@ class GPTQ:
         else:
             num = _quadratic(W - Q, self.H)
         return math.sqrt(max(num / den, 0.0)) if den > 0 else 0.0
+
+
+def grid_run(W, U, scale, offset, div, lo, hi, has_min, alpha, codes, err):
+    """A run of columns (rows of W [m, N], updated in place; U [m, m] their block of the inverse Cholesky factor)
+    quantised one by one onto a fixed GGML block grid, value = scale q - offset with q = round((w + offset) / div) in
+    lo..hi (div: the scale, infinite where it is 0, as BlockGrid.codes): each column's codes and error (w - value)
+    into its rows of codes and err, the error times alpha[j] U[j] onto the run's later columns. Torch operations,
+    one column at a time: the reference of kernels.grid_run, and the path on other devices."""
+    m = W.shape[0]
+    w_rows, u_rows, q_rows, e_rows = W.unbind(0), U.unbind(0), codes.unbind(0), err.unbind(0)
+    alpha = alpha.tolist()
+    with one_thread(W.device):  # one row per step: threads would only add synchronisation
+        for j in range(m):
+            w, q, e, s, o = w_rows[j], q_rows[j], e_rows[j], scale[j], offset[j]
+            torch.add(w, o, out=q).div_(div[j]) if has_min else torch.div(w, div[j], out=q)
+            q.round_().clamp_(lo, hi)
+            torch.addcmul(w, s, q, value=-1, out=e)
+            if has_min:
+                e.add_(o)
+            if j + 1 < m:
+                W[j + 1:].addr_(u_rows[j][j + 1:], e, alpha=alpha[j])
+
+
+def group_run(W, U, scale, zero, maxq, alpha, codes, err):
+    """grid_run on GPTQ's group grid: q = clamp(round(w / scale) + zero, 0, maxq), value = scale (q - zero); scale
+    and zero [m, N], each column's group's parameters (the reference of kernels.group_run)."""
+    m = W.shape[0]
+    w_rows, u_rows, q_rows, e_rows = W.unbind(0), U.unbind(0), codes.unbind(0), err.unbind(0)
+    alpha, shifted = alpha.tolist(), torch.empty(W.shape[1], device=W.device)
+    with one_thread(W.device):
+        for j in range(m):
+            w, q, e, s, z = w_rows[j], q_rows[j], e_rows[j], scale[j], zero[j]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)  # quantize_codes
+            torch.addcmul(w, s, torch.sub(q, z, out=shifted), value=-1, out=e)  # w - dequantize
+            if j + 1 < m:
+                W[j + 1:].addr_(u_rows[j][j + 1:], e, alpha=alpha[j])
 
 
 def group_aware_order(diag: torch.Tensor, glen: int) -> torch.Tensor:

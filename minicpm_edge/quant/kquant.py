@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from . import kernels
 
 # Scale candidates: multiples of the max-based scale. Coarse to fine where the error is smooth in the scale: a coarse
 # range, then FINE steps around each row's best coarse multiple (a 0.01-step grid's resolution for half the tries).
@@ -162,7 +163,9 @@ def round_table(table: torch.Tensor, name: str, rows: int = 4096):
 def _code_sums(x, iw, iwx, scale, offset, t):
     """Weighted sums over the last axis of the nearest codes q of x [..., L] on scale / offset [...]: Sq (None for
     types without an offset), Sqq, Sqx; iwx = iw * x. With the data's own Sw, Sx, Sxx they give the weighted error of
-    value = s q - o for any (s, o) on those codes."""
+    value = s q - o for any (s, o) on those codes. Compiled (kernels.code_sums) for float32 CPU tensors."""
+    if kernels.usable(x, iw, iwx, scale, offset):
+        return kernels.code_sums(x, iw, iwx, scale, offset, t.lo, t.hi, t.has_min)
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)[..., None]
     q = (torch.addcmul(offset[..., None] * inv, x, inv) if t.has_min else x * inv).round_().clamp_(t.lo, t.hi)
     dot = lambda a, b: torch.linalg.vecdot(a, b, dim=-1)  # noqa: E731  (no temporary for the product)

@@ -1,0 +1,129 @@
+"""Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid search's code sums.
+
+Both are loops of many small steps that torch runs one dispatched operation at a time (a few microseconds each, for
+a few hundred weights of arithmetic). The torch code in gptq.py / kquant.py stays the reference, and the path for
+other devices; tests check that the two agree.
+
+numba is imported on first use (it takes a few tenths of a second), and the compiled functions are cached on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+
+ROWS = 64  # output rows per parallel chunk of a run: a chunk's run of columns stays in L1 (32 x 64 x 4 bytes)
+
+
+@functools.cache
+def _compiled():
+    import numba
+
+    jit = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
+
+    @jit
+    def grid_run(W, U, scale, offset, div, lo, hi, has_min, alpha, codes, err):
+        """A run of columns (rows of W [m, N], U its [m, m] block of the inverse Cholesky factor) onto a fixed GGML
+        block grid: value = scale q - offset, q = round((w + offset) / div) within lo..hi (div: the scale, infinite
+        where it is 0). Each column's error goes onto the run's later columns at once, times alpha. The output rows
+        (columns of W) are independent: chunks of ROWS of them run in parallel, each through the whole run."""
+        m, n = W.shape
+        flo, fhi = np.float32(lo), np.float32(hi)
+        for c in numba.prange((n + ROWS - 1) // ROWS):
+            r0, r1 = c * ROWS, min(c * ROWS + ROWS, n)
+            for j in range(m):
+                for r in range(r0, r1):
+                    x = W[j, r]
+                    q = np.rint((x + offset[j, r]) / div[j, r]) if has_min else np.rint(x / div[j, r])
+                    q = min(max(q, flo), fhi)
+                    codes[j, r] = q
+                    err[j, r] = x - scale[j, r] * q + offset[j, r] if has_min else x - scale[j, r] * q
+                for jj in range(j + 1, m):
+                    a = np.float32(alpha[j] * U[j, jj])
+                    for r in range(r0, r1):
+                        W[jj, r] += a * err[j, r]
+
+    @jit
+    def group_run(W, U, scale, zero, maxq, alpha, codes, err):
+        """A run of columns on GPTQ's group grid: q = clamp(round(w / scale) + zero, 0, maxq),
+        value = scale (q - zero); scale and zero [m, N], each column's group's."""
+        m, n = W.shape
+        fmax = np.float32(maxq)
+        for c in numba.prange((n + ROWS - 1) // ROWS):
+            r0, r1 = c * ROWS, min(c * ROWS + ROWS, n)
+            for j in range(m):
+                for r in range(r0, r1):
+                    x, s, z = W[j, r], scale[j, r], zero[j, r]
+                    q = min(max(np.rint(x / s) + z, np.float32(0)), fmax)
+                    codes[j, r] = q
+                    err[j, r] = x - s * (q - z)
+                for jj in range(j + 1, m):
+                    a = np.float32(alpha[j] * U[j, jj])
+                    for r in range(r0, r1):
+                        W[jj, r] += a * err[j, r]
+
+    @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+    def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min, sq, sqq, sqx):
+        """Per row r of x [R, L]: the nearest codes q on (scale[r], offset[r]) and their weighted sums
+        sq = sum iw q, sqq = sum iw q^2, sqx = sum iwx q (rows in parallel)."""
+        rows, length = x.shape
+        flo, fhi = np.float32(lo), np.float32(hi)
+        for r in numba.prange(rows):
+            s = scale[r]
+            inv = np.float32(0) if s == 0 else np.float32(1) / s
+            oi = offset[r] * inv
+            a = b = c = np.float32(0)
+            for i in range(length):
+                q = np.rint(x[r, i] * inv + oi) if has_min else np.rint(x[r, i] * inv)
+                q = min(max(q, flo), fhi)
+                a += q * iw[r, i]
+                b += q * q * iw[r, i]
+                c += q * iwx[r, i]
+            sq[r], sqq[r], sqx[r] = a, b, c
+
+    return grid_run, group_run, code_sums
+
+
+@functools.cache
+def available() -> bool:
+    """numba imports here (a dependency, but a platform without its wheels still quantises, through torch)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The compiled loops take float32 CPU tensors."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()  # a view: the kernels write through it
+
+
+def grid_run(W, U, scale, offset, div, lo, hi, has_min, alpha, codes, err):
+    """gptq's run of columns (rows of W [m, N]; U [m, m]) on a GGML block grid (see _compiled); float32 tensors,
+    rows contiguous; W, codes and err are written."""
+    _compiled()[0](_np(W), _np(U), _np(scale), _np(offset), _np(div), lo, hi, has_min, _np(alpha), _np(codes),
+                   _np(err))
+
+
+def group_run(W, U, scale, zero, maxq, alpha, codes, err):
+    """gptq's run of columns on its group grid; scale, zero [m, N]."""
+    _compiled()[1](_np(W), _np(U), _np(scale), _np(zero), maxq, _np(alpha), _np(codes), _np(err))
+
+
+def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min):
+    """kquant._code_sums for x, iw, iwx [..., L] and scale, offset [...]: (sq or None, sqq, sqx) [...]."""
+    shape, length = scale.shape, x.shape[-1]
+    flat = lambda t: t.reshape(-1, length).contiguous()  # noqa: E731
+    out = [torch.empty(shape) for _ in range(3)]
+    _compiled()[2](_np(flat(x)), _np(flat(iw)), _np(flat(iwx)), _np(scale.reshape(-1).contiguous()),
+                   _np(offset.reshape(-1).contiguous()), lo, hi, has_min, *(_np(o.view(-1)) for o in out))
+    sq, sqq, sqx = out
+    return (sq if has_min else None), sqq, sqx

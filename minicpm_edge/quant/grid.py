@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from . import kernels
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -25,7 +26,7 @@ SEARCHES = ("weighted", "mse", "max")  # how find_params picks each group's scal
 # the weighted search's candidates: these multiples of the max-based scale, steps of 0.04 (steps of 0.02 lowered the
 # weighted error by 0.03% for twice the time)
 SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 11
-CHUNK = 1 << 18  # weights per find_params call in group_params (1 MiB of float32: stays in the CPU's caches)
+CHUNK = 1 << 20  # weights per find_params call in group_params (4 MiB of float32; 1 MiB before the sums were compiled)
 FP16_MAX = 65504.0
 
 
@@ -104,13 +105,13 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     `importance` [K]: each column's weight in the search (the Hessian diagonal), or None."""
     n, k = w.shape
     glen, groups = spec.group_len(k), spec.groups(k)
-    rows = w.reshape(n, groups, glen).transpose(0, 1).reshape(groups * n, glen)
-    if importance is not None:
-        importance = importance.float().reshape(groups, 1, glen).expand(groups, n, glen).reshape(groups * n, glen)
-    step = max(1, CHUNK // glen)
-    with one_thread(w.device):  # chunks of 1 MiB: elementwise work that threads do not speed up
-        parts = [find_params(rows[a:a + step], spec, search, None if importance is None else importance[a:a + step])
-                 for a in range(0, len(rows), step)]
+    by_group = w.reshape(n, groups, glen).transpose(0, 1)  # [groups, N, glen], a view
+    imp = None if importance is None else importance.float().reshape(groups, 1, glen)
+    step = max(1, CHUNK // (glen * n))  # groups per find_params call: about CHUNK weights, copied out as rows
+    with one_thread(w.device):  # chunks of about 1 MiB: elementwise work that threads do not speed up
+        parts = [find_params(by_group[a:a + step].reshape(-1, glen), spec, search,
+                             None if imp is None else imp[a:a + step].expand(-1, n, -1).reshape(-1, glen))
+                 for a in range(0, groups, step)]
     return torch.cat([p[0] for p in parts]).view(groups, n), torch.cat([p[1] for p in parts]).view(groups, n)
 
 
@@ -153,44 +154,68 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     an upper bound of its own rounding's error, so the refit costs no second rounding (the weighted error measured
     +0.06% symmetric / -1.5% asymmetric against judging each refit on its own codes, for 0.65-0.7x the time).
     The sums are float32 over a group, combined in float64; a candidate must win by more than their rounding
-    (1e-6 C) to replace the best.
+    (1e-6 C) to replace the best. Candidates are offered in order: the max-based grid, the multiples of it, then
+    (asymmetric) the best zero point one step either side. The sums and the choice are compiled on CPU
+    (kernels.centred_sums, kernels.choose), torch operations elsewhere.
     """
+    w = w.contiguous()
     imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
     iw = imp * w
-    dot = lambda a, b: torch.linalg.vecdot(a, b, dim=-1)  # noqa: E731  (no temporary, faster than einsum's bmm)
-    C = dot(iw, w).double()
+    C = torch.linalg.vecdot(iw, w, dim=-1).double()
     margin = 1e-6 * C
-    d, idd = torch.empty_like(w), torch.empty_like(w)
-    half = (spec.maxq + 1) // 2
     best = torch.full_like(C, float("inf"))
+    compiled = kernels.usable(w)
+    lo_p, hi_p = SEARCH_RANGE
+    p = torch.tensor([lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1) for i in range(SEARCH_STEPS)], device=w.device)
+    S, Z = _params(lo[:, None] * p, hi[:, None] * p, spec)  # [R, SEARCH_STEPS]
+    cands = [(torch.cat([scale[:, None], S], 1), torch.cat([zero[:, None], Z], 1))]
+    if not spec.sym:  # the zero point one step either side of the best so far, in 1..maxq (see _params)
+        cands += [lambda step=step: (scale[:, None], torch.clamp(zero + step, 1, spec.maxq)[:, None])
+                  for step in (-1, 1)]
+    for cand in cands:
+        S, Z = cand() if callable(cand) else cand
+        S, Z = S.contiguous(), Z.contiguous()
+        if compiled:
+            A, B = (t.double() for t in kernels.centred_sums(w, imp, iw, 1 / S, Z, spec.maxq))
+        else:
+            A, B = _centred_sums(w, imp, iw, S, Z, spec)
+        refit = _fp16_scale(torch.where(B > 0, A / B.clamp(min=1e-30), S.double()).float(), S)
+        if compiled:
+            kernels.choose(C, margin, S, refit, Z, A, B, best, scale, zero)
+        else:
+            best, scale, zero = _choose(C, margin, S, refit, Z, A, B, best, scale, zero)
+    return scale, zero
 
-    def consider(s, z):
-        """Offer (s, z) and the least-squares scale of its codes with z; the best so far is kept per row."""
-        nonlocal best, scale, zero
+
+def _centred_sums(w, imp, iw, S, Z, spec):
+    """For each candidate column j of S, Z [R, c]: A = sum iw d, B = sum imp d^2 over the row's centred codes d
+    (float32 sums, as float64) [R, c]. Torch operations: the reference of kernels.centred_sums."""
+    d, idd, half = torch.empty_like(w), torch.empty_like(w), (spec.maxq + 1) // 2
+    A, B = torch.empty(S.shape, dtype=torch.float64, device=w.device), torch.empty_like(S, dtype=torch.float64)
+    for j in range(S.shape[1]):
+        s, z = S[:, j], Z[:, j]
         torch.mul(w, (1 / s)[:, None], out=d).round_()
         if spec.sym:  # z is the centre for every row
             d.clamp_(-half, spec.maxq - half)
         else:
             d.add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
-        A = dot(iw, d).double()
-        B = dot(torch.mul(imp, d, out=idd), d).double()
-        refit = _fp16_scale(torch.where(B > 0, A / B.clamp(min=1e-30), s.double()).float(), s)
-        for cand in (s, refit):
+        A[:, j] = torch.linalg.vecdot(iw, d, dim=-1)
+        B[:, j] = torch.linalg.vecdot(torch.mul(imp, d, out=idd), d, dim=-1)
+    return A, B
+
+
+def _choose(C, margin, S, refit, Z, A, B, best, scale, zero):
+    """Offer each candidate j (S[:, j], then refit[:, j], both with Z[:, j]) in turn: a row takes it where its error
+    C - 2 s A + s^2 B is below the best so far by more than the margin. Returns (best, scale, zero); the reference
+    of kernels.choose, which updates them in place."""
+    for j in range(S.shape[1]):
+        for cand in (S[:, j], refit[:, j]):
             c = cand.double()
-            err = C - 2 * c * A + c * c * B
+            err = C - 2 * c * A[:, j] + c * c * B[:, j]
             better = err < best - margin
             best = torch.where(better, err, best)
-            scale, zero = torch.where(better, cand, scale), torch.where(better, z, zero)
-
-    consider(scale, zero)
-    lo_p, hi_p = SEARCH_RANGE
-    for i in range(SEARCH_STEPS):
-        p = lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1)
-        consider(*_params(p * lo, p * hi, spec))
-    if not spec.sym:  # the zero point one step either side of the best, in 1..maxq (see _params)
-        for step in (-1, 1):
-            consider(scale, torch.clamp(zero + step, 1, spec.maxq))
-    return scale, zero
+            scale, zero = torch.where(better, cand, scale), torch.where(better, Z[:, j], zero)
+    return best, scale, zero
 
 
 def _fp16_scale(scale: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:

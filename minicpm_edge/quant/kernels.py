@@ -1,4 +1,4 @@
-"""Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid search's code sums.
+"""Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid searches' code sums.
 
 Both are loops of many small steps that torch runs one dispatched operation at a time (a few microseconds each, for
 a few hundred weights of arithmetic). The torch code in gptq.py / kquant.py stays the reference, and the path for
@@ -84,7 +84,35 @@ def _compiled():
                 c += q * iwx[r, i]
             sq[r], sqq[r], sqx[r] = a, b, c
 
-    return grid_run, group_run, code_sums
+    @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+    def centred_sums(x, imp, iwx, inv, zero, maxq, a_out, b_out):
+        """Per row r of x [R, L] and candidate j: the centred codes d = clamp(round(x inv[r, j]) + zero[r, j], 0,
+        maxq) - zero[r, j] and A[r, j] = sum iwx d, B[r, j] = sum imp d^2 (rows in parallel)."""
+        rows, length = x.shape
+        fmax = np.float32(maxq)
+        for r in numba.prange(rows):
+            for j in range(inv.shape[1]):
+                v, z = inv[r, j], zero[r, j]
+                a = b = np.float32(0)
+                for i in range(length):
+                    d = min(max(np.rint(x[r, i] * v) + z, np.float32(0)), fmax) - z
+                    a += iwx[r, i] * d
+                    b += imp[r, i] * d * d
+                a_out[r, j], b_out[r, j] = a, b
+
+    @numba.njit(cache=True, nogil=True)
+    def choose(C, margin, S, refit, Z, A, B, best, scale, zero):
+        """grid._choose, in place (float64 errors in the same order of operations)."""
+        for r in range(S.shape[0]):
+            for j in range(S.shape[1]):
+                for k in range(2):
+                    cand = S[r, j] if k == 0 else refit[r, j]
+                    c = np.float64(cand)
+                    err = C[r] - 2 * c * A[r, j] + c * c * B[r, j]
+                    if err < best[r] - margin[r]:
+                        best[r], scale[r], zero[r] = err, cand, Z[r, j]
+
+    return grid_run, group_run, code_sums, centred_sums, choose
 
 
 @functools.cache
@@ -127,3 +155,16 @@ def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min):
                    _np(offset.reshape(-1).contiguous()), lo, hi, has_min, *(_np(o.view(-1)) for o in out))
     sq, sqq, sqx = out
     return (sq if has_min else None), sqq, sqx
+
+
+def centred_sums(x, imp, iwx, inv, zero, maxq):
+    """grid._centred_sums for x, imp, iwx [R, L] (contiguous) and the candidates' inv (1 / scale), zero [R, c]:
+    float32 (A, B) [R, c]."""
+    a, b = torch.empty(inv.shape), torch.empty(inv.shape)
+    _compiled()[3](_np(x), _np(imp), _np(iwx), _np(inv.contiguous()), _np(zero.contiguous()), maxq, _np(a), _np(b))
+    return a, b
+
+
+def choose(C, margin, S, refit, Z, A, B, best, scale, zero):
+    """grid._choose on CPU tensors, updating best, scale and zero [R] in place (contiguous)."""
+    _compiled()[4](*(_np(t.contiguous()) for t in (C, margin, S, refit, Z, A, B)), _np(best), _np(scale), _np(zero))

@@ -164,7 +164,7 @@ class GPTQ:
             raise UserError("act-order needs static groups (--static-groups) so groups stay contiguous along K")
         if damp < 0 or blocksize < 1:
             raise UserError(f"damping must be >= 0 and block size >= 1 (got {damp}, {blocksize})")
-        W = weight.detach().to(torch.float32).clone()
+        W = weight.detach().to(torch.float32)  # read only: the solver works on a transposed copy
         n_out, k = W.shape
         if k != self.k:
             raise UserError(f"weight has {k} input features, the calibration activations {self.k}")
@@ -173,7 +173,9 @@ class GPTQ:
         glen, n_groups = spec.group_len(k), spec.groups(k)
         dev = W.device
         H, dead, perm, Hinv, damp_used = self._factor(dev, damp, act_order, group_aware and spec.group_size != -1, glen)
-        W[:, dead] = 0  # inputs that are always zero: any weight there is free, quantise it as 0
+        if bool(dead.any()):  # inputs that are always zero: any weight there is free, quantise it as 0
+            W = W.clone()
+            W[:, dead] = 0
         grid = None
         if block is not None:  # static by construction: fixed before any error update, original column order
             grid = fit_grid(W, block, torch.diag(H))
@@ -186,10 +188,11 @@ class GPTQ:
         diag = torch.diag(H) if perm is None else torch.diag(H)[perm]  # processing order: each column's grid weight
         # Work on W transposed (column i of W = row i, contiguous) in processing order, in place
         Wt = W.t().contiguous()
+        Wt = Wt.clone() if Wt.data_ptr() == W.data_ptr() else Wt  # a one-row or one-column W: no copy made yet
         Wt = Wt if perm is None else Wt.index_select(0, perm)  # (a row gather: faster than columns)
         order = perm.tolist() if perm is not None else list(range(k))  # original index of each processed column
         group = torch.tensor([c // glen for c in order], device=dev)  # group of each processed column
-        codes, Q = torch.empty_like(Wt), torch.empty_like(Wt)
+        codes = torch.empty_like(Wt)
         losses = torch.zeros(n_out, device=dev)
         if grid is not None:  # each column's scale and offset as contiguous rows in processing order; a zero scale
             cols = torch.tensor(order, device=dev) // block.sub  # divides to code 0, as BlockGrid.codes gives it
@@ -227,23 +230,23 @@ class GPTQ:
                 E.div_(u_diag[s1:s2, None])  # the run done: its errors divided, then onto the block's later columns
                 if s2 < m:
                     W1[s2:].addmm_(U1[s1:s2, s2:].t(), E, alpha=-1)
-            if grid is None:
-                s, z = scales[group[i1:i2]], zeros[group[i1:i2]]
-                Q[i1:i2] = dequantize(codes[i1:i2], s, z)
-            else:  # BlockGrid.values of the codes
-                torch.mul(g_scale[i1:i2], codes[i1:i2], out=Q[i1:i2]).sub_(g_offset[i1:i2])
             losses += Err1.square().sum(0) / 2
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of the columns after this block
 
-        if perm is not None:  # back to the original column order: rows of the transposed results
-            inv = torch.argsort(perm)
-            Q, codes = Q.index_select(0, inv), codes.index_select(0, inv)
-        Q, codes = Q.t(), codes.t()
-        if grid is not None:
-            return QuantResult(codes.to(torch.int16).contiguous(), None, None, None, Q.contiguous(), damp_used,
-                               float(losses.sum()), perm, grid, losses)
-        return QuantResult(codes.to(torch.uint8).contiguous(), scales, zeros.to(torch.int32), make_g_idx(k, spec, dev),
-                           Q.contiguous(), damp_used, float(losses.sum()), perm, row_loss=losses)
+        # the codes in their storage type (1-2 bytes: cheap to move), back to the original column order, [N, K]; the
+        # dequantized weight from them in one pass (every group, and every sub-block, a contiguous run of K)
+        codes = codes.to(torch.int16 if grid is not None else torch.uint8)
+        codes = (codes if perm is None else codes.index_select(0, torch.argsort(perm))).t().contiguous()
+        if grid is not None:  # BlockGrid.values: scale q - offset
+            sub = block.sub
+            Q = codes.float().view(n_out, -1, sub)
+            Q.mul_(grid.scale.contiguous()[:, :, None]).sub_(grid.offset.contiguous()[:, :, None])
+            return QuantResult(codes, None, None, None, Q.view(n_out, k), damp_used, float(losses.sum()), perm, grid,
+                               losses)
+        Q = codes.float().view(n_out, n_groups, glen)  # dequantize in place: scale (q - zero)
+        Q.sub_(zeros.t().contiguous()[:, :, None]).mul_(scales.t().contiguous()[:, :, None])
+        return QuantResult(codes, scales, zeros.to(torch.int32), make_g_idx(k, spec, dev), Q.view(n_out, k), damp_used,
+                           float(losses.sum()), perm, row_loss=losses)
 
     def _factor(self, device: torch.device, damp: float, act_order: bool, group_aware: bool, glen: int):
         """(H with the dead inputs' diagonal set to 1, the dead inputs, the column order or None, the upper Cholesky

@@ -1,8 +1,8 @@
 """Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid searches' code sums.
 
 Both are loops of many small steps that torch runs one dispatched operation at a time (a few microseconds each, for
-a few hundred weights of arithmetic). The torch code in gptq.py / kquant.py stays the reference, and the path for
-other devices; tests check that the two agree.
+a few hundred weights of arithmetic). The torch code in gptq.py, grid.py and kquant.py stays the reference and the
+path for other devices (and where numba does not import); tests/test_kernels.py checks that the two agree.
 
 numba is imported on first use (it takes a few tenths of a second), and the compiled functions are cached on disk.
 """

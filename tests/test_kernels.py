@@ -152,8 +152,18 @@ def test_compiled_choice_is_torchs():
     margin = 1e-6 * C
     refit[:, 2] = S[:, 2]  # exact ties: the earlier candidate stays
     start = torch.full((r,), float("inf"), dtype=torch.float64), torch.zeros(r), torch.zeros(r)
-    best, scale, zero = (t.clone() for t in start)
-    kernels.choose(C, margin, S, refit, Z, A, B, best, scale, zero)
+    best, scale, zero = kernels.choose(C, margin, S, refit, Z, A, B, *(t.clone() for t in start))
     ref = grid._choose(C, margin, S, refit, Z, A, B, *start)
     assert torch.equal(best, ref[0]) and torch.equal(scale, ref[1]) and torch.equal(zero, ref[2])
     assert len(set(scale.tolist()) & set(refit.flatten().tolist())) > 0  # both kinds of candidate win somewhere
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (96, 256)])
+def test_solver_leaves_the_callers_weight_alone(hessian, shape):
+    """The solver reads the weight without copying it (and its transpose is no copy for a single row): whatever the
+    shape, the caller's tensor is unchanged, and the result is the same as from a copy of it."""
+    w = weight(*shape)
+    before = w.clone()
+    r = hessian.quantize(w, QuantSpec(4, 32, True))
+    assert torch.equal(w, before)
+    assert torch.equal(r.codes, hessian.quantize(before.clone(), QuantSpec(4, 32, True)).codes)

@@ -164,41 +164,34 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     C = torch.linalg.vecdot(iw, w, dim=-1).double()
     margin = 1e-6 * C
     best = torch.full_like(C, float("inf"))
-    compiled = kernels.usable(w)
+    sums, choose = (kernels.centred_sums, kernels.choose) if kernels.usable(w) else (_centred_sums, _choose)
     lo_p, hi_p = SEARCH_RANGE
     p = torch.tensor([lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1) for i in range(SEARCH_STEPS)], device=w.device)
-    S, Z = _params(lo[:, None] * p, hi[:, None] * p, spec)  # [R, SEARCH_STEPS]
-    cands = [(torch.cat([scale[:, None], S], 1), torch.cat([zero[:, None], Z], 1))]
-    if not spec.sym:  # the zero point one step either side of the best so far, in 1..maxq (see _params)
-        cands += [lambda step=step: (scale[:, None], torch.clamp(zero + step, 1, spec.maxq)[:, None])
-                  for step in (-1, 1)]
-    for cand in cands:
-        S, Z = cand() if callable(cand) else cand
+
+    def offers():  # [R, c] candidates in turn; the zero steps read the best (scale, zero) found before them
+        S, Z = _params(lo[:, None] * p, hi[:, None] * p, spec)
+        yield torch.cat([scale[:, None], S], 1), torch.cat([zero[:, None], Z], 1)
+        if not spec.sym:  # the zero point one step either side of the best so far, in 1..maxq (see _params)
+            for step in (-1, 1):
+                yield scale[:, None], torch.clamp(zero + step, 1, spec.maxq)[:, None]
+
+    for S, Z in offers():
         S, Z = S.contiguous(), Z.contiguous()
-        if compiled:
-            A, B = (t.double() for t in kernels.centred_sums(w, imp, iw, 1 / S, Z, spec.maxq))
-        else:
-            A, B = _centred_sums(w, imp, iw, S, Z, spec)
+        A, B = sums(w, imp, iw, S, Z, spec.maxq)
         refit = _fp16_scale(torch.where(B > 0, A / B.clamp(min=1e-30), S.double()).float(), S)
-        if compiled:
-            kernels.choose(C, margin, S, refit, Z, A, B, best, scale, zero)
-        else:
-            best, scale, zero = _choose(C, margin, S, refit, Z, A, B, best, scale, zero)
+        best, scale, zero = choose(C, margin, S, refit, Z, A, B, best, scale, zero)
     return scale, zero
 
 
-def _centred_sums(w, imp, iw, S, Z, spec):
-    """For each candidate column j of S, Z [R, c]: A = sum iw d, B = sum imp d^2 over the row's centred codes d
-    (float32 sums, as float64) [R, c]. Torch operations: the reference of kernels.centred_sums."""
-    d, idd, half = torch.empty_like(w), torch.empty_like(w), (spec.maxq + 1) // 2
+def _centred_sums(w, imp, iw, S, Z, maxq):
+    """For each candidate column j of S, Z [R, c]: A = sum iw d, B = sum imp d^2 over the row's centred codes
+    d = clamp(round(w / s) + z, 0, maxq) - z (float32 sums, as float64) [R, c]. Torch operations: the reference of
+    kernels.centred_sums."""
+    d, idd = torch.empty_like(w), torch.empty_like(w)
     A, B = torch.empty(S.shape, dtype=torch.float64, device=w.device), torch.empty_like(S, dtype=torch.float64)
     for j in range(S.shape[1]):
         s, z = S[:, j], Z[:, j]
-        torch.mul(w, (1 / s)[:, None], out=d).round_()
-        if spec.sym:  # z is the centre for every row
-            d.clamp_(-half, spec.maxq - half)
-        else:
-            d.add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
+        torch.mul(w, (1 / s)[:, None], out=d).round_().add_(z[:, None]).clamp_(0, maxq).sub_(z[:, None])
         A[:, j] = torch.linalg.vecdot(iw, d, dim=-1)
         B[:, j] = torch.linalg.vecdot(torch.mul(imp, d, out=idd), d, dim=-1)
     return A, B
@@ -207,7 +200,7 @@ def _centred_sums(w, imp, iw, S, Z, spec):
 def _choose(C, margin, S, refit, Z, A, B, best, scale, zero):
     """Offer each candidate j (S[:, j], then refit[:, j], both with Z[:, j]) in turn: a row takes it where its error
     C - 2 s A + s^2 B is below the best so far by more than the margin. Returns (best, scale, zero); the reference
-    of kernels.choose, which updates them in place."""
+    of kernels.choose."""
     for j in range(S.shape[1]):
         for cand in (S[:, j], refit[:, j]):
             c = cand.double()

@@ -168,14 +168,17 @@ def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min):
     return (sq if has_min else None), sqq, sqx
 
 
-def centred_sums(x, imp, iwx, inv, zero, maxq):
-    """grid._centred_sums for x, imp, iwx [R, L] (contiguous) and the candidates' inv (1 / scale), zero [R, c]:
-    float32 (A, B) [R, c]."""
-    a, b = torch.empty(inv.shape), torch.empty(inv.shape)
-    _compiled()[3](_np(x), _np(imp), _np(iwx), _np(inv.contiguous()), _np(zero.contiguous()), maxq, _np(a), _np(b))
-    return a, b
+def centred_sums(x, imp, iwx, scale, zero, maxq):
+    """grid._centred_sums for x, imp, iwx [R, L] (contiguous) and the candidates' scale, zero [R, c]: (A, B) [R, c],
+    float32 sums as float64."""
+    a, b = torch.empty(scale.shape), torch.empty(scale.shape)
+    inv = (1 / scale).contiguous()  # as torch's path: w times the reciprocal
+    _compiled()[3](_np(x), _np(imp), _np(iwx), _np(inv), _np(zero.contiguous()), maxq, _np(a), _np(b))
+    return a.double(), b.double()
 
 
 def choose(C, margin, S, refit, Z, A, B, best, scale, zero):
-    """grid._choose on CPU tensors, updating best, scale and zero [R] in place (contiguous)."""
+    """grid._choose on CPU tensors: (best, scale, zero), updated in place (copies first where not contiguous)."""
+    best, scale, zero = (t.contiguous() for t in (best, scale, zero))
     _compiled()[4](*(_np(t.contiguous()) for t in (C, margin, S, refit, Z, A, B)), _np(best), _np(scale), _np(zero))
+    return best, scale, zero

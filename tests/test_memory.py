@@ -1,9 +1,13 @@
 """The library gives memory back: quantise, evaluate and export two models one after the other in one process, and
-resident memory after each step stays within 10% of where it started (the second run working too).
+resident memory after each step stays within 10% of where it started and below half a model's weights above it (the
+second run working too).
 
 Runs in a fresh subprocess (this file run as a script) so other tests' memory does not count. The models are
 small_variant checkpoints at hidden size 1024 (115 MiB of float32 weights each, about 240 MiB for the two runners
-`evaluate` holds): a model that stayed resident after it was released would show as a 40-80% rise.
+`evaluate` holds): a model that stayed resident after it was released would show as a rise of at least its 115 MiB,
+twice the allowance. The allowance is set by the model, not by the baseline: the baseline (libtorch, numba's LLVM and
+compiled kernels, onnxruntime, llama.cpp) is 350-600 MiB depending on the CPU kind, and 10% of 600 MiB would hide a
+whole model.
 The baseline is taken after a warm-up pass over a one-layer model of the same width, so that code the first call
 pages in (libtorch's kernels for these shapes, one-time allocations of the runtimes) is not counted as a leak.
 """
@@ -32,9 +36,9 @@ def test_memory_returns_to_baseline_between_models(tmp_path):
     base = res["baseline_mib"]
     for step, mib in res["steps"]:
         assert mib <= base * (1 + BOUND), f"{step}: {mib:.0f} MiB resident against a baseline of {base:.0f} MiB"
-    # a model left resident must overshoot the bound at least twice over (the warm-up baseline includes libtorch's
-    # kernels, oneDNN's bf16 ones included, so it is measured against the model, not a fixed share)
-    assert res["model_mib"] > 2 * BOUND * base, "models too small for a leak to show"
+        assert mib - base < 0.5 * res["model_mib"], f"{step}: {mib - base:.0f} MiB above the baseline, against " \
+            f"{res['model_mib']:.0f} MiB of weights per model"
+    assert res["model_mib"] > 100, "models too small for a leak to show"
     assert all(d == d for d in res["drift"]) and len(res["drift"]) == 2  # both runs produced a report
 
 

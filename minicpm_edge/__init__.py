@@ -10,9 +10,10 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 # spinning between parallel regions, where they take the core from the thread with the work: one small tensor
 # operation measured 16 ms instead of 15 us on 2 threads under load. Passive waiting costs microseconds per region.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# torch's CPU allocator backs tensors of 2 MiB and more with transparent huge pages (madvise; a no-op where the kernel
-# has THP off): the quantiser's large copies, transposes and gathers of fresh tensors fault 512x fewer pages
-# (a MiniCPM-2B-shaped layer: 5% faster end to end, the copies up to 2x). Read by torch at its first allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# torch's CPU allocator can back tensors of 2 MiB and more with transparent huge pages (THP_MEM_ALLOC_ENABLE=1, torch's
+# own switch; a user may set it). Not set here: a huge page's first touch costs more than its 512 small pages' on
+# some machines (a virtual machine on AMD EPYC: 100 MB faulted in 167 ms against 29 ms), and the quantiser makes
+# many fresh large tensors. Measured: SmolLM2-135M Q4_K_M there 103-140 s with it, 86-94 s without; a
+# MiniCPM-2B-shaped layer on a Xeon (AMX) 5% faster with it.
 
 __version__ = "0.1.0"

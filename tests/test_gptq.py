@@ -3,7 +3,7 @@ import torch
 
 from minicpm_edge.errors import UserError
 from minicpm_edge.quant import GPTQ, QuantResult, QuantSpec, rtn
-from minicpm_edge.quant.gptq import _inverse_cholesky, group_aware_order
+from minicpm_edge.quant.gptq import _inverse_cholesky, _triangular_inverse, _upper_times, group_aware_order
 from minicpm_edge.quant.grid import (dequantize, find_params, group_params, pack_qweight, pack_qzeros, quantize_codes,
                                      unpack_qweight, unpack_qzeros)
 
@@ -280,6 +280,18 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(calib):
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
         big.t() @ big / 1500 + 0.01 * torch.diag(big.t() @ big / 1500).mean() * torch.eye(1100))), upper=True)
     assert torch.allclose(U2, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_triangular_products_skip_only_zeros():
+    """The triangular inverse's products by halves (odd sizes, a small base so that they recurse four levels deep)
+    equal the full products with the triangle; the inverse inverts."""
+    torch.manual_seed(0)
+    T = torch.randn(301, 301, dtype=torch.float64).triu() + 20 * torch.eye(301, dtype=torch.float64)
+    B, Bt = torch.randn(301, 77, dtype=torch.float64), torch.randn(55, 301, dtype=torch.float64)
+    assert torch.allclose(_upper_times(T, B, base=16), T @ B)
+    assert torch.allclose(_upper_times(T, Bt, base=16, right=True), Bt @ T)
+    inv = _triangular_inverse(T, base=16)
+    assert torch.equal(inv, inv.triu()) and torch.allclose(inv @ T, torch.eye(301, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("case", ["sym-g32", "asym-g64", "act-order", "per-channel", "q4_k-block", "q6_k-block"])

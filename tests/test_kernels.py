@@ -57,12 +57,12 @@ def test_compiled_runs_cover_every_row():
     U = torch.triu(torch.rand(m, m, generator=g)) + torch.eye(m)
     scale = torch.full((m, n), 0.25)
     args = (scale, torch.zeros(m, n), scale, -8, 7, False, -1 / torch.diag(U))
-    out = [(W.clone(), torch.empty(m, n), torch.empty(m, n)) for _ in range(2)]
+    out = [(W.clone(), torch.empty(m, n, dtype=dt), torch.empty(m, n)) for dt in (torch.float32, torch.int16)]
     gptq.grid_run(out[0][0], U, *args, out[0][1], out[0][2])
-    kernels.grid_run(out[1][0], U, *args, out[1][1], out[1][2])
+    kernels.grid_run(out[1][0], U, *args, out[1][1], out[1][2])  # the codes straight into their storage type
     for x, y in zip(*out):
-        assert torch.allclose(x, y, atol=1e-6)
-    assert torch.equal(out[0][1], out[1][1])
+        assert torch.allclose(x, y.float(), atol=1e-6)
+    assert torch.equal(out[0][1].short(), out[1][1]) and int(out[1][1].min()) < 0  # signed codes stay signed
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q5_1", "Q3_K"])
@@ -111,7 +111,8 @@ def test_kernels_take_float32_cpu_tensors_only():
 def test_compiled_weighted_search_matches_torch(monkeypatch, spec):
     """group_params' weighted search with its sums compiled: the torch search's scales and zeros but for near-ties
     between candidates (the sums run in another order; measured 0.9995-1 of the scales alike, zeros 0.99997-1; at 8
-    bits the candidates' errors differ by less than the float32 sums' rounding, and 0.98 of the scales are alike)."""
+    bits the candidates' errors differ by less than the float32 sums' rounding, and 0.98 of the scales are alike;
+    the bounds hold whatever the CPU's vector width)."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(200, 512, generator=g) * 0.02
     imp = torch.rand(512, generator=g) + 0.1
@@ -127,7 +128,9 @@ def test_compiled_weighted_search_matches_torch(monkeypatch, spec):
         q = torch.clamp(torch.round(w / s[gi].t()) + z[gi].t(), 0, spec.maxq)
         return float((((q - z[gi].t()) * s[gi].t() - w) ** 2 * imp).sum())
 
-    assert err(s1, z1) == pytest.approx(err(s0, z0), rel=1e-4)
+    # at 8 bits the near-ties decide: measured 1.9e-4 apart on an AMD EPYC (AVX512: another summation order), under
+    # 1e-4 on a Xeon
+    assert err(s1, z1) == pytest.approx(err(s0, z0), rel=1e-4 if spec.bits < 8 else 1e-3)
 
 
 def test_group_params_in_chunks_is_one_search(monkeypatch):

@@ -147,13 +147,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def grid_run(W, U, scale, offset, div, lo, hi, has_min, alpha, codes, err):
     """gptq's run of columns (rows of W [m, N]; U [m, m]) on a GGML block grid (see _compiled); float32 tensors,
-    rows contiguous; W, codes and err are written."""
+    rows contiguous, but codes, which may be of any numeric type (the solver's: int16); W, codes and err are
+    written."""
     _compiled()[0](_np(W), _np(U), _np(scale), _np(offset), _np(div), lo, hi, has_min, _np(alpha), _np(codes),
                    _np(err))
 
 
 def group_run(W, U, scale, zero, maxq, alpha, codes, err):
-    """gptq's run of columns on its group grid; scale, zero [m, N]."""
+    """gptq's run of columns on its group grid; scale, zero [m, N]; codes of any numeric type (the solver's:
+    uint8)."""
     _compiled()[1](_np(W), _np(U), _np(scale), _np(zero), maxq, _np(alpha), _np(codes), _np(err))
 
 

@@ -291,13 +291,16 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     r, c = values.shape
     if (r * bits) % 32:
         raise UserError(f"{r} values of {bits} bits do not fill whole 32-bit words")
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
         raise ValueError(f"codes outside 0..{(1 << bits) - 1} cannot be packed in {bits} bits")
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = (torch.arange(per, device=v.device) * bits).view(1, per, 1)
-        return _to_int32((v.view(r // per, per, c) << shifts).sum(dim=1))
+    if 32 % bits == 0:  # each word ORed together in int32 from the values' own (narrow) type: no int64 temporaries
+        per = 32 // bits  # (a shift into the sign bit gives the word's two's-complement bit pattern)
+        v = values.contiguous().view(r // per, per, c)
+        out = v[:, 0].to(torch.int32)
+        for j in range(1, per):
+            out |= v[:, j].to(torch.int32) << (j * bits)
+        return out
+    v = values.to(torch.int64)
     out = torch.zeros(r * bits // 32, c, dtype=torch.int64, device=v.device)
     for i in range(r):  # 3-bit: some values straddle two words
         word, off = divmod(i * bits, 32)

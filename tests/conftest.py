@@ -95,12 +95,13 @@ def small_variant(path: Path, seed: int = 0, **overrides) -> Path:
 
 
 def quantized(src: Path, out: Path, method: str = "gptq", bits: int = 4, group_size: int = 32, sym: bool = True,
-              nsamples: int = 16, seqlen: int = 128) -> Path:
+              nsamples: int = 16, seqlen: int = 128, compute: str = "auto") -> Path:
     """A GPTQ checkpoint of `src` made by our quantiser (small calibration, for tests)."""
     from minicpm_edge.quant import QuantSpec
     from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
 
-    opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method, nsamples=nsamples, seqlen=seqlen)
+    opts = QuantOptions(spec=QuantSpec(bits, group_size, sym), method=method, nsamples=nsamples, seqlen=seqlen,
+                        compute=compute)
     return quantize_checkpoint(src, out, opts)
 
 

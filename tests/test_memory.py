@@ -5,9 +5,9 @@ second run working too).
 Runs in a fresh subprocess (this file run as a script) so other tests' memory does not count. The models are
 small_variant checkpoints at hidden size 1024 (115 MiB of float32 weights each, about 240 MiB for the two runners
 `evaluate` holds): a model that stayed resident after it was released would show as a rise of at least its 115 MiB,
-twice the allowance. The allowance is set by the model, not by the baseline: the baseline (libtorch, numba's LLVM and
-compiled kernels, onnxruntime, llama.cpp) is 350-600 MiB depending on the CPU kind, and 10% of 600 MiB would hide a
-whole model.
+twice the allowance. The allowance is set by the model, not only by the baseline, which (libtorch, numba's LLVM and
+compiled kernels, onnxruntime, llama.cpp) measured 518-600 MiB depending on the machine: a leak must show whatever
+the baseline is.
 The baseline is taken after a warm-up pass over a one-layer model of the same width, so that code the first call
 pages in (libtorch's kernels for these shapes, one-time allocations of the runtimes) is not counted as a leak.
 """

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # torch's CPU allocator can back tensors of 2 MiB and more with transparent huge pages (THP_MEM_ALLOC_ENABLE=1, torch's
 # own switch; a user may set it). Not set here: a huge page's first touch costs more than its 512 small pages' on
 # some machines (a virtual machine on AMD EPYC: 100 MB faulted in 167 ms against 29 ms), and the quantiser makes
-# many fresh large tensors. Measured: SmolLM2-135M Q4_K_M there 103-140 s with it, 86-94 s without; a
+# many fresh large tensors. Measured: SmolLM2-135M Q4_K_M there 103 s with it, 86-94 s without; a
 # MiniCPM-2B-shaped layer on a Xeon (AMX) 5% faster with it.
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 
-import minicpm_edge  # noqa: F401  (first: it sets the OpenMP / allocator environment the CLI runs in, before torch)
+import minicpm_edge  # noqa: F401  (first: it sets the OpenMP / MKL environment the CLI runs in, before torch)
 import torch
 
 from minicpm_edge.model import forward

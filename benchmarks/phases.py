@@ -89,6 +89,8 @@ def main() -> None:
 
         kernels.usable = lambda *tensors: False
         args = args[1:]
+    if len(args) < 2:
+        raise SystemExit("usage: python benchmarks/phases.py [--torch-loops] OUT.json quantize MODEL --out DIR ...")
     out, argv = args[0], args[1:]
     install()
     from minicpm_edge import cli  # after install: the CLI takes quantize_checkpoint from driver when it runs

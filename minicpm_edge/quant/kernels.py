@@ -23,9 +23,13 @@ def _compiled():
     import numba
 
     jit = functools.partial(numba.njit, cache=True, nogil=True)
+    # a module global, not a closure variable of the runs that call it: numba keys its disk cache on the pickled
+    # closure cells, and a compiled function pickles with an id new in every process, so runs closing over it were
+    # compiled afresh (1.3-1.6 s) in every process instead of loaded from the cache
+    global _spread
 
     @jit
-    def spread(W, U, err, j, alpha, r0, r1):
+    def _spread(W, U, err, j, alpha, r0, r1):
         """Column j's error onto the run's later columns, rows r0..r1: W[jj] += alpha U[j, jj] err[j] (1-D views of
         the rows: what lets LLVM vectorise the loop, 4-5x over 2-D indexing)."""
         e = err[j, r0:r1]
@@ -54,7 +58,7 @@ def _compiled():
                     c_ = min(max(c_, flo), fhi)
                     q[r] = c_
                     e[r] = x[r] - s[r] * c_ + o[r] if has_min else x[r] - s[r] * c_
-                spread(W, U, err, j, alpha[j], r0, r1)
+                _spread(W, U, err, j, alpha[j], r0, r1)
 
     @jit(parallel=True)
     def group_run(W, U, scale, zero, maxq, alpha, codes, err):
@@ -72,7 +76,7 @@ def _compiled():
                     c_ = min(max(np.rint(x[r] / s[r]) + z[r], np.float32(0)), fmax)
                     q[r] = c_
                     e[r] = x[r] - s[r] * (c_ - z[r])
-                spread(W, U, err, j, alpha[j], r0, r1)
+                _spread(W, U, err, j, alpha[j], r0, r1)
 
     @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
     def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min, sq, sqq, sqx):

@@ -100,6 +100,19 @@ def test_relu_family(tmp_path, act, param):
     g = torch.tensor([-1.0, 0.0, 0.02, 0.03, 0.031, 2.0])
     expect = {"relu": [0, 0, 0.02, 0.03, 0.031, 2.0], "fatrelu": [0, 0, 0, 0, 0.031, 2.0]}[act]
     assert torch.allclose(mlp.activation(g), torch.tensor(expect))
+    assert torch.equal(mlp.activation(g.clone(), inplace=True), mlp.activation(g))
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "fatrelu"])
+def test_mlp_hidden_in_place_without_autograd_is_the_same(tmp_path, act):
+    """Without autograd the MLP makes act(gate) * up in gate's output; bit-identical to the autograd path's."""
+    cfg = {**GQA, "hidden_act": act, "hidden_act_param": 0.01}
+    mlp = load_model(Checkpoint(write_checkpoint(tmp_path / "m", cfg, random_state(cfg)))).layers[0].mlp
+    x = torch.randn(3, 5, cfg["hidden_size"])
+    with torch.no_grad():
+        fast = mlp.hidden(x)
+    slow = mlp.hidden(x)
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
 
 
 def test_llama_format_equals_minicpm_with_folded_scales(tmp_path):

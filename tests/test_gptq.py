@@ -193,6 +193,13 @@ def test_bad_calibration():
         g.add_batch(x)
     with pytest.raises(UserError, match="features"):
         g.add_batch(torch.randn(10, 8))
+    H = g.H.clone()
+    for big in (1e19, 2e19):  # finite, but sums of their squares overflow float32 (10 x 1e38 > 3.4e38): refused
+        with pytest.raises(UserError, match="overflow float32"):
+            g.add_batch(torch.full((10, 16), big))
+    assert torch.equal(g.H, H)  # refused before H changed
+    for big in (1e18, 5e18):  # 1e37 per entry: within the quick bound; 2.5e38: the bound fails, the sums do not
+        GPTQ(16).add_batch(torch.full((10, 16), big))
     g.add_batch(torch.randn(10, 16))
     with pytest.raises(UserError, match="input features"):
         g.quantize(weight(k=32, n=8), QuantSpec(4, -1))

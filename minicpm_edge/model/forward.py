@@ -173,16 +173,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def activation(self, g: torch.Tensor) -> torch.Tensor:
+    def activation(self, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if self.act == "silu":
-            return F.silu(g)
+            return F.silu(g, inplace=inplace)
         if self.act == "relu":
-            return F.relu(g)
-        return torch.where(g > self.threshold, g, torch.zeros_like(g))  # FATReLU
+            return F.relu(g, inplace=inplace)
+        if inplace:  # FATReLU
+            return g.masked_fill_(~(g > self.threshold), 0)
+        return torch.where(g > self.threshold, g, torch.zeros_like(g))
 
     def hidden(self, x):
-        """act(gate(x)) * up(x): the input that down_proj sees."""
-        return self.activation(self.gate_proj(x)) * self.up_proj(x)
+        """act(gate(x)) * up(x): the input that down_proj sees. Without autograd, made in gate's output (no
+        further intermediate-sized tensors: each is a fresh allocation as large as the layer's biggest activations)."""
+        if torch.is_grad_enabled():
+            return self.activation(self.gate_proj(x)) * self.up_proj(x)
+        return self.activation(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))
 
     def forward(self, x):
         return self.down_proj(self.hidden(x))

@@ -91,9 +91,7 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
-        # the diagonal of x^T x (1/K of its cost): a NaN/Inf anywhere in x, or an overflow, shows there, and H stays
-        # as it was
-        if not torch.isfinite(torch.linalg.vecdot(x, x, dim=0)).all():
+        if not _finite_products(x):  # checked before H changes: H stays as it was
             raise UserError("calibration activations contain NaN or Inf (or overflow float32); check the model weights "
                             "and calibration text")
         self.n += m
@@ -172,20 +170,21 @@ class GPTQ:
             spec.check_k(k)
         glen, n_groups = spec.group_len(k), spec.groups(k)
         dev = W.device
-        H, dead, perm, Hinv, damp_used = self._factor(dev, damp, act_order, group_aware and spec.group_size != -1, glen)
+        hdiag, dead, perm, Hinv, damp_used = self._factor(dev, damp, act_order, group_aware and spec.group_size != -1,
+                                                          glen)
         if bool(dead.any()):  # inputs that are always zero: any weight there is free, quantise it as 0
             W = W.clone()
             W[:, dead] = 0
         grid = None
         if block is not None:  # static by construction: fixed before any error update, original column order
-            grid = fit_grid(W, block, torch.diag(H))
+            grid = fit_grid(W, block, hdiag)
             scales = zeros = torch.zeros(0, n_out, device=dev)
         elif static_groups or spec.group_size == -1:  # parameters from the original weights, original column order
-            scales, zeros = group_params(W, spec, search, torch.diag(H))
+            scales, zeros = group_params(W, spec, search, hdiag)
         else:
             scales, zeros = torch.zeros(n_groups, n_out, device=dev), torch.zeros(n_groups, n_out, device=dev)
         static = static_groups or spec.group_size == -1 or grid is not None
-        diag = torch.diag(H) if perm is None else torch.diag(H)[perm]  # processing order: each column's grid weight
+        diag = hdiag if perm is None else hdiag[perm]  # processing order: each column's grid weight
         # Work on W transposed (column i of W = row i, contiguous) in processing order, in place
         Wt = W.t().contiguous()
         Wt = Wt.clone() if Wt.data_ptr() == W.data_ptr() else Wt  # a one-row or one-column W: no copy made yet
@@ -251,26 +250,26 @@ class GPTQ:
                            float(losses.sum()), perm, row_loss=losses)
 
     def _factor(self, device: torch.device, damp: float, act_order: bool, group_aware: bool, glen: int):
-        """(H with the dead inputs' diagonal set to 1, the dead inputs, the column order or None, the upper Cholesky
-        factor of the damped inverse in that order, the damping used). Computed once per Hessian and options: the
-        Linears that read the same inputs (q, k, v; gate, up) share it."""
+        """(H's diagonal with the dead inputs' set to 1, the dead inputs, the column order or None, the upper
+        Cholesky factor of the damped inverse in that order, the damping used). Computed once per Hessian and
+        options: the Linears that read the same inputs (q, k, v; gate, up) share it."""
         key = (device, damp, act_order, group_aware, glen, self.H._version)  # _version: any in-place change of H
         if self._factored is not None and self._factored[0] is self.H and self._factored[1] == key:
             return self._factored[2]
-        H = self.H.to(device).clone()
+        H = self.H.to(device)
         if not all_finite(H):
             raise UserError("the calibration Hessian overflowed float32; check the model's activations")
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        diag = torch.diag(H)  # a copy
+        dead = diag == 0
+        diag[dead] = 1
         perm = None
         if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True)
+            perm = torch.argsort(diag, descending=True)
         elif group_aware:
-            perm = group_aware_order(torch.diag(H), glen)
+            perm = group_aware_order(diag, glen)
         with flush_denormals():
-            Hinv, damp_used = _inverse_cholesky(H if perm is None else H.index_select(0, perm).index_select(1, perm),
-                                                damp)
-        self._factored = (self.H, key, (H, dead, perm, Hinv, damp_used))
+            Hinv, damp_used = _inverse_cholesky(H, damp, perm, diag)
+        self._factored = (self.H, key, (diag, dead, perm, Hinv, damp_used))
         return self._factored[2]
 
     def output_error(self, weight: torch.Tensor, dequantized: torch.Tensor, result: QuantResult | None = None,
@@ -288,9 +287,9 @@ class GPTQ:
         Q = dequantized.float().to(self.H.device)
         den = _quadratic(W, self.H, dtype)
         if result is not None and result.loss > 0 and self._factored is not None and self._factored[0] is self.H:
-            Hm, dead = self._factored[2][:2]
-            lam = result.damp_used * float(torch.diag(Hm).mean())
-            live, q_dead = float((W - Q)[:, ~dead].square().sum()), float(Q[:, dead].square().sum())
+            hdiag, dead, perm = self._factored[2][:3]
+            lam = result.damp_used * float((hdiag if perm is None else hdiag[perm]).mean())  # as _inverse_cholesky
+            live, q_dead = _square_sums(W, Q, dead)
             num = 2 * result.loss - lam * (live + q_dead) - q_dead
         else:
             num = _quadratic(W - Q, self.H)
@@ -340,10 +339,37 @@ def group_aware_order(diag: torch.Tensor, glen: int) -> torch.Tensor:
     return (order + torch.arange(len(groups), device=diag.device)[:, None] * glen)[groups].reshape(-1)
 
 
+def _finite_products(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x [m, K] and none in x^T x: every entry of x^T x is bounded by its diagonal's (Cauchy-Schwarz),
+    each a sum of m squares, so x's largest magnitude settles it in one pass without temporaries (x^T x's diagonal
+    itself, a product as large as x, only where that bound leaves an overflow possible)."""
+    lo, hi = torch.aminmax(x)
+    big = max(abs(float(lo)), abs(float(hi)))
+    if not math.isfinite(big):
+        return False
+    if big * big * x.shape[0] < torch.finfo(x.dtype).max / 2:  # half: the rounding of a sum near the limit
+        return True
+    return bool(torch.isfinite(torch.linalg.vecdot(x, x, dim=0)).all())
+
+
 def _block_edges(k: int, width: int = HESSIAN_BLOCK) -> list[int]:
     """Block boundaries along K for the symmetric Hessian product: about `width` wide, on multiples of 64."""
     n = max(1, round(k / width))
     return [i * k // n // 64 * 64 for i in range(n)] + [k]
+
+
+def _square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor) -> tuple[float, float]:
+    """(||(W - Q)[:, ~dead]||^2, ||Q[:, dead]||^2) a few rows at a time (about 1 MB each): no temporaries of W's size,
+    each a fresh allocation and a pass over memory."""
+    rows, live, q_dead = max(1, 2**18 // W.shape[1]), 0.0, 0.0
+    any_dead = bool(dead.any())
+    for a in range(0, W.shape[0], rows):
+        d = W[a:a + rows] - Q[a:a + rows]
+        if any_dead:
+            d[:, dead] = 0
+            q_dead += float(Q[a:a + rows, dead].square().sum())
+        live += float(torch.dot(d.view(-1), d.view(-1)))
+    return live, q_dead
 
 
 def _quadratic(A: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
@@ -361,18 +387,27 @@ def _quadratic(A: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.floa
     return total
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1 and the d used; d starts at `damp`, x10 per failure.
+def _inverse_cholesky(H: torch.Tensor, damp: float, order: torch.Tensor | None = None,
+                      diag: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (Hp + d*mean(diag Hp)*I)^-1 and the d used, for Hp = H in the column order `order`
+    (None: as it is) with its diagonal replaced by `diag` (original order; None: H's own); d starts at `damp`, x10
+    per failure. H is left as it is.
 
     With J the reversal permutation, J Hd J = L L^T gives Hd = R R^T with R = J L J upper triangular, so
     Hd^-1 = R^-T R^-1: R^-1 is the factor sought. One Cholesky and one triangular inverse (2/3 K^3 flops) instead of
-    a Cholesky, the inverse from it and a second Cholesky (4/3 K^3)."""
-    mean_diag = float(torch.diag(H).mean())
+    a Cholesky, the inverse from it and a second Cholesky (4/3 K^3). J Hp J is made in one gather (the reversal
+    folded into the order), the diagonal reset in place for each damping tried."""
+    diag = torch.diag(H) if diag is None else diag
+    if order is None:
+        Hr, d_rev = H.flip(0, 1), diag.flip(0)
+    else:
+        rev = order.flip(0)
+        Hr, d_rev = H.index_select(0, rev).index_select(1, rev), diag[rev]
+    mean_diag = float((diag if order is None else diag[order]).mean())  # in processing order: the same sum always
     d = damp
     for _ in range(DAMP_TRIES):
-        Hd = H.flip(0, 1)  # a copy
-        Hd.diagonal().add_(d * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        Hr.diagonal().copy_(d_rev).add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
             U = _triangular_inverse(L.flip(0, 1))
             if all_finite(U):

@@ -256,3 +256,31 @@ def test_blocked_causal_attention_is_full_causal_attention(past, kv_heads):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     one = causal_attention(q[:, :, -1:], k, v, 1 / math.sqrt(16))  # a decode step sees every key
     torch.testing.assert_close(one, want[:, :, -1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_rotate_half_formula_bit_for_bit(dtype):
+    """apply_rope works in x cos's halves; it computes x cos + [-x2, x1] sin exactly as written (also on a slice of
+    the last axis, as MLA's rotary part)."""
+    from minicpm_edge.model.forward import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    cos, sin = (torch.randn(5, 16, generator=g).to(dtype) for _ in range(2))
+    for x in (torch.randn(2, 3, 5, 16, generator=g).to(dtype), torch.randn(2, 3, 5, 24, generator=g).to(dtype)[..., 8:]):
+        x1, x2 = x.chunk(2, dim=-1)
+        assert torch.equal(apply_rope(x, cos, sin), x * cos + torch.cat([-x2, x1], dim=-1) * sin)
+
+
+@pytest.mark.parametrize("wdt, xdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                      (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_rms_norm_in_place_without_autograd_is_the_same(wdt, xdt):
+    """Without autograd the norm scales by its weight in place where the result type allows; same bits and dtype."""
+    from minicpm_edge.model.forward import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(wdt)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(xdt)
+    slow = norm(x)
+    with torch.no_grad():
+        fast = norm(x)
+    assert slow.requires_grad and slow.dtype == fast.dtype and torch.equal(slow.detach(), fast)

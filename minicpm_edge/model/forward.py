@@ -26,8 +26,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        if torch.is_grad_enabled() or torch.result_type(self.weight, y) != y.dtype:
+            return self.weight * y
+        return y.mul_(self.weight)  # inference: weight * y in y's own memory (one activation-sized tensor fewer)
 
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32,
@@ -45,13 +47,14 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype=torch.float32,
     return (emb.cos() * a).to(dtype), (emb.sin() * a).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1] for x's halves x1, x2: the same float operations
+    (a - b for a + (-b)), in x cos's own halves, with two half-sized temporaries instead of four x-sized ones."""
+    d = x.shape[-1] // 2
+    out = x * cos
+    out[..., :d] -= x[..., d:] * sin[..., :d]
+    out[..., d:] += x[..., :d] * sin[..., d:]
+    return out
 
 
 QUERY_BLOCK = 256  # queries per attention call on long prompts

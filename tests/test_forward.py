@@ -266,7 +266,8 @@ def test_rope_is_the_rotate_half_formula_bit_for_bit(dtype):
 
     g = torch.Generator().manual_seed(0)
     cos, sin = (torch.randn(5, 16, generator=g).to(dtype) for _ in range(2))
-    for x in (torch.randn(2, 3, 5, 16, generator=g).to(dtype), torch.randn(2, 3, 5, 24, generator=g).to(dtype)[..., 8:]):
+    whole, wider = torch.randn(2, 3, 5, 16, generator=g), torch.randn(2, 3, 5, 24, generator=g)
+    for x in (whole.to(dtype), wider.to(dtype)[..., 8:]):
         x1, x2 = x.chunk(2, dim=-1)
         assert torch.equal(apply_rope(x, cos, sin), x * cos + torch.cat([-x2, x1], dim=-1) * sin)
 

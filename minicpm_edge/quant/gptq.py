@@ -403,7 +403,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, order: torch.Tensor | None =
     else:
         rev = order.flip(0)
         Hr, d_rev = H.index_select(0, rev).index_select(1, rev), diag[rev]
-    mean_diag = float((diag if order is None else diag[order]).mean())  # in processing order: the same sum always
+    mean_diag = float((diag if order is None else diag[order]).mean())  # summed in processing order (output_error too)
     d = damp
     for _ in range(DAMP_TRIES):
         Hr.diagonal().copy_(d_rev).add_(d * mean_diag)

@@ -80,8 +80,8 @@ def find_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     if search not in SEARCHES:
         raise UserError(f"grid search {search!r}: choose {', '.join(SEARCHES)}")
     w = w.float()
-    lo = w.min(dim=1).values.clamp(max=0)
-    hi = w.max(dim=1).values.clamp(min=0)
+    lo, hi = torch.aminmax(w, dim=1)  # one pass for both
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale, zero = _params(lo, hi, spec)
     if search == "max":
         return scale, zero

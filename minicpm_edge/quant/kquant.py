@@ -192,12 +192,12 @@ def _fit_sub(x, iw, t):
     judged on the codes it was fitted to, can only gain from re-rounding."""
     iwx = iw * x
     data = iw.sum(1), iwx.sum(1), torch.linalg.vecdot(iwx, x, dim=-1)
+    mn, mx = torch.aminmax(x, dim=1)  # one pass for both
     if t.has_min:
-        lo = x.min(dim=1).values.clamp(max=0)
-        hi = x.max(dim=1).values
-        base_s, base_o = (hi - lo) / (t.hi - t.lo), -lo
+        lo = mn.clamp(max=0)
+        base_s, base_o = (mx - lo) / (t.hi - t.lo), -lo
     else:
-        ext = torch.where(-x.min(dim=1).values >= x.max(dim=1).values, x.min(dim=1).values, x.max(dim=1).values)
+        ext = torch.where(-mn >= mx, mn, mx)
         base_s, base_o = ext / t.lo, torch.zeros_like(ext)  # the signed extreme gets code lo (all levels used)
     best = torch.full_like(base_s, float("inf"))
     s_best, o_best, p_best = base_s.clone(), base_o.clone(), torch.ones_like(base_s)
@@ -256,7 +256,7 @@ def _level(v, rng, p):
     """Quantise per-sub-block values v [R, S] to d [R] (fp16) x integer levels in rng."""
     lo, hi = rng
     if lo < 0:  # signed: the extreme gets level lo
-        mn, mx = v.min(dim=1).values, v.max(dim=1).values
+        mn, mx = torch.aminmax(v, dim=1)
         d = torch.where(-mn >= mx, mn, mx) / lo
     else:
         d = v.max(dim=1).values.clamp(min=0) / hi

@@ -199,7 +199,9 @@ def test_bad_calibration():
             g.add_batch(torch.full((10, 16), big))
     assert torch.equal(g.H, H)  # refused before H changed
     for big in (1e18, 5e18):  # 1e37 per entry: within the quick bound; 2.5e38: the bound fails, the sums do not
-        GPTQ(16).add_batch(torch.full((10, 16), big))
+        ok = GPTQ(16)
+        ok.add_batch(torch.full((10, 16), big))
+        assert ok.n == 10 and torch.isfinite(ok.H).all()
     g.add_batch(torch.randn(10, 16))
     with pytest.raises(UserError, match="input features"):
         g.quantize(weight(k=32, n=8), QuantSpec(4, -1))

@@ -288,7 +288,7 @@ class GPTQ:
         den = _quadratic(W, self.H, dtype)
         if result is not None and result.loss > 0 and self._factored is not None and self._factored[0] is self.H:
             hdiag, dead, perm = self._factored[2][:3]
-            lam = result.damp_used * float((hdiag if perm is None else hdiag[perm]).mean())  # as _inverse_cholesky
+            lam = result.damp_used * _mean_in_order(hdiag, perm)
             live, q_dead = _square_sums(W, Q, dead)
             num = 2 * result.loss - lam * (live + q_dead) - q_dead
         else:
@@ -387,6 +387,11 @@ def _quadratic(A: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.floa
     return total
 
 
+def _mean_in_order(diag: torch.Tensor, order: torch.Tensor | None) -> float:
+    """mean(diag), summed in the solver's column order: the damping's unit, the same to the last bit wherever used."""
+    return float((diag if order is None else diag[order]).mean())
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float, order: torch.Tensor | None = None,
                       diag: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (Hp + d*mean(diag Hp)*I)^-1 and the d used, for Hp = H in the column order `order`
@@ -403,7 +408,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, order: torch.Tensor | None =
     else:
         rev = order.flip(0)
         Hr, d_rev = H.index_select(0, rev).index_select(1, rev), diag[rev]
-    mean_diag = float((diag if order is None else diag[order]).mean())  # summed in processing order (output_error too)
+    mean_diag = _mean_in_order(diag, order)
     d = damp
     for _ in range(DAMP_TRIES):
         Hr.diagonal().copy_(d_rev).add_(d * mean_diag)

@@ -133,11 +133,15 @@ def test_compiled_weighted_search_matches_torch(monkeypatch, spec):
     assert err(s1, z1) == pytest.approx(err(s0, z0), rel=1e-4 if spec.bits < 8 else 1e-3)
 
 
-def test_group_params_in_chunks_is_one_search(monkeypatch):
-    """group_params hands find_params a few groups at a time (CHUNK): the same parameters as one call on them all."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_group_params_in_chunks_is_one_search(monkeypatch, compiled):
+    """group_params on every group at once (compiled) or a few groups at a time (torch, CHUNK): the same parameters
+    as find_params on the groups as rows, each with its importance (compiled: one importance row per weight row)."""
     spec = QuantSpec(4, 32, False)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(6))
     imp = torch.rand(256, generator=torch.Generator().manual_seed(7)) + 0.1
+    if not compiled:
+        monkeypatch.setattr(grid, "kernels", TORCH)
     monkeypatch.setattr(grid, "CHUNK", 64 * 32 * 3)  # three groups per call, the last call two
     chunked = grid.group_params(w, spec, "weighted", imp)
     rows = w.reshape(64, 8, 32).transpose(0, 1).reshape(-1, 32)
@@ -145,20 +149,37 @@ def test_group_params_in_chunks_is_one_search(monkeypatch):
     assert torch.equal(chunked[0], s.view(8, 64)) and torch.equal(chunked[1], z.view(8, 64))
 
 
-def test_compiled_choice_is_torchs():
-    """kernels.choose takes the candidates grid._choose takes, bit for bit (same float64 errors, same order)."""
-    g = torch.Generator().manual_seed(8)
-    r, c = 500, 6
-    S, refit, Z = torch.rand(r, c, generator=g), torch.rand(r, c, generator=g), torch.randint(1, 15, (r, c)).float()
-    A, B = torch.rand(r, c, generator=g).double(), torch.rand(r, c, generator=g).double()
-    C = torch.rand(r, generator=g).double() + 1
-    margin = 1e-6 * C
-    refit[:, 2] = S[:, 2]  # exact ties: the earlier candidate stays
-    start = torch.full((r,), float("inf"), dtype=torch.float64), torch.zeros(r), torch.zeros(r)
-    best, scale, zero = kernels.choose(C, margin, S, refit, Z, A, B, *(t.clone() for t in start))
-    ref = grid._choose(C, margin, S, refit, Z, A, B, *start)
-    assert torch.equal(best, ref[0]) and torch.equal(scale, ref[1]) and torch.equal(zero, ref[2])
-    assert len(set(scale.tolist()) & set(refit.flatten().tolist())) > 0  # both kinds of candidate win somewhere
+def test_compiled_search_takes_every_importance_shape(monkeypatch):
+    """find_params' importance as None, one per column, one per weight or one row for all: the compiled search gives
+    torch's parameters (no near-ties at these sizes); a shape it does not take goes to torch's search."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(40, 32, generator=g)
+    cols = torch.rand(32, generator=g) + 0.1
+    for spec in (QuantSpec(4, 32, True), QuantSpec(3, 32, False)):
+        for imp in (None, cols, cols.expand(40, 32), cols[None], torch.rand(40, 1, generator=g) + 0.1):
+            compiled = grid.find_params(w, spec, "weighted", imp)
+            with monkeypatch.context() as m:
+                m.setattr(grid, "kernels", TORCH)
+                ref = grid.find_params(w, spec, "weighted", imp)
+            assert torch.equal(compiled[0], ref[0]) and torch.equal(compiled[1], ref[1])
+            assert torch.equal(compiled[0].half().float(), compiled[0])  # fp16-representable, as stored
+
+
+def test_compiled_fp16_rounding_is_torchs():
+    """The compiled search's fp16 rounding (bit operations: numba has no float16) against torch's .half(): ties to
+    even, the carry into the exponent, fp16's subnormals and its largest value, both signs."""
+    import numpy as np
+
+    kernels._compiled()
+    half = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()  # every finite fp16
+    mid = ((half[1:].double() + half[:-1].double()) / 2).float()  # the ties
+    near = torch.cat([torch.nextafter(mid, torch.zeros(1)), torch.nextafter(mid, torch.full((1,), 1e9))])
+    rand = torch.rand(20000, generator=torch.Generator().manual_seed(10)) * 2.0 ** torch.randint(-30, 16, (20000,))
+    x = torch.cat([half, mid, near, rand]).clamp(max=65504)
+    x = torch.cat([x, -x])
+    fb = np.empty(1, np.float32)
+    got = torch.tensor([kernels._fp16(np.float32(v), fb, fb.view(np.uint32)) for v in x.tolist()])
+    assert torch.equal(got.view(torch.int32), x.half().float().view(torch.int32))
 
 
 @pytest.mark.parametrize("shape", [(1, 256), (96, 256)])
@@ -189,9 +210,7 @@ kernels.group_run(W.clone(), U, s, z, 15, a, torch.empty(32, 64, dtype=torch.uin
 kernels.grid_run(W.clone(), U, s, z, s, -8, 7, False, a, torch.empty(32, 64, dtype=torch.int16), e)
 x = torch.randn(8, 32)
 kernels.code_sums(x, x.abs(), x, torch.ones(8), torch.zeros(8), -8, 7, True)
-kernels.centred_sums(x, x.abs(), x, torch.ones(8, 3), torch.zeros(8, 3), 15)
-C, S, A = torch.ones(8).double(), torch.ones(8, 3), torch.ones(8, 3).double()
-kernels.choose(C, C * 1e-6, S, S, S, A, A, torch.full((8,), 1e9).double(), torch.ones(8), torch.zeros(8))
+kernels.weighted_params(x, torch.ones(1, 1, 32), True, 15, torch.ones(3))
 stats = {f.py_func.__name__: (sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
          for f in kernels._compiled()}
 print(json.dumps(stats))

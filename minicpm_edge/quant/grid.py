@@ -26,8 +26,8 @@ SEARCHES = ("weighted", "mse", "max")  # how find_params picks each group's scal
 # the weighted search's candidates: these multiples of the max-based scale, steps of 0.04 (steps of 0.02 lowered the
 # weighted error by 0.03% for twice the time)
 SEARCH_RANGE, SEARCH_STEPS = (0.7, 1.1), 11
-CHUNK = 1 << 20  # weights per find_params call in group_params (4 MiB of float32; 1 MiB before the sums were compiled)
-FP16_MAX = 65504.0
+CHUNK = 1 << 20  # weights per find_params call in group_params on the torch path (4 MiB of float32)
+FP16_MAX = kernels.FP16_MAX
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ def find_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     if search not in SEARCHES:
         raise UserError(f"grid search {search!r}: choose {', '.join(SEARCHES)}")
     w = w.float()
+    if search == "weighted" and kernels.usable(w):  # compiled: the whole search per row in one pass
+        imp = _row_importance(importance, *w.shape)
+        if imp is not None:
+            scale, zero = kernels.weighted_params(w.contiguous(), imp, spec.sym, spec.maxq, _multiples())
+            return scale[0], zero[0]
     lo, hi = torch.aminmax(w, dim=1)  # one pass for both
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale, zero = _params(lo, hi, spec)
@@ -105,6 +110,9 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     `importance` [K]: each column's weight in the search (the Hessian diagonal), or None."""
     n, k = w.shape
     glen, groups = spec.group_len(k), spec.groups(k)
+    if search == "weighted" and kernels.usable(w):  # compiled: every group of every row in place, no copies
+        imp = torch.ones(1, 1, glen) if importance is None else importance.float().reshape(groups, 1, glen)
+        return kernels.weighted_params(w.contiguous(), imp.contiguous(), spec.sym, spec.maxq, _multiples())
     by_group = w.reshape(n, groups, glen).transpose(0, 1)  # [groups, N, glen], a view
     imp = None if importance is None else importance.float().reshape(groups, 1, glen)
     step = max(1, CHUNK // (glen * n))  # groups per find_params call: about CHUNK weights, copied out as rows
@@ -155,8 +163,9 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     +0.06% symmetric / -1.5% asymmetric against judging each refit on its own codes, for 0.65-0.7x the time).
     The sums are float32 over a group, combined in float64; a candidate must win by more than their rounding
     (1e-6 C) to replace the best. Candidates are offered in order: the max-based grid, the multiples of it, then
-    (asymmetric) the best zero point one step either side. The sums and the choice are compiled on CPU
-    (kernels.centred_sums, kernels.choose), torch operations elsewhere.
+    (asymmetric) the best zero point one step either side. Torch operations on all rows at once: the reference of
+    kernels.weighted_params, which find_params and group_params run instead for float32 CPU tensors (one pass per
+    group, no temporaries), and the path on other devices.
     """
     w = w.contiguous()
     imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
@@ -164,9 +173,7 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
     C = torch.linalg.vecdot(iw, w, dim=-1).double()
     margin = 1e-6 * C
     best = torch.full_like(C, float("inf"))
-    sums, choose = (kernels.centred_sums, kernels.choose) if kernels.usable(w) else (_centred_sums, _choose)
-    lo_p, hi_p = SEARCH_RANGE
-    p = torch.tensor([lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1) for i in range(SEARCH_STEPS)], device=w.device)
+    p = _multiples().to(w.device)
 
     def offers():  # [R, c] candidates in turn; the zero steps read the best (scale, zero) found before them
         S, Z = _params(lo[:, None] * p, hi[:, None] * p, spec)
@@ -177,16 +184,33 @@ def _weighted_search(w, spec, lo, hi, scale, zero, importance):
 
     for S, Z in offers():
         S, Z = S.contiguous(), Z.contiguous()
-        A, B = sums(w, imp, iw, S, Z, spec.maxq)
+        A, B = _centred_sums(w, imp, iw, S, Z, spec.maxq)
         refit = _fp16_scale(torch.where(B > 0, A / B.clamp(min=1e-30), S.double()).float(), S)
-        best, scale, zero = choose(C, margin, S, refit, Z, A, B, best, scale, zero)
+        best, scale, zero = _choose(C, margin, S, refit, Z, A, B, best, scale, zero)
     return scale, zero
+
+
+def _multiples() -> torch.Tensor:
+    """The weighted search's candidate scales as multiples of the max-based one (float32 [SEARCH_STEPS])."""
+    lo_p, hi_p = SEARCH_RANGE
+    return torch.tensor([lo_p + (hi_p - lo_p) * i / (SEARCH_STEPS - 1) for i in range(SEARCH_STEPS)])
+
+
+def _row_importance(importance: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
+    """find_params' importance (None, one per column, or one per weight of w [rows, cols]) as the compiled search's
+    [1, 1 or rows, cols]; None for any other broadcastable shape (the torch search takes those)."""
+    if importance is None:
+        return torch.ones(1, 1, cols)
+    t = importance.float()
+    if t.dim() == 1 and t.shape[0] == cols or t.dim() == 2 and t.shape[1] == cols and t.shape[0] in (1, rows):
+        return t.reshape(1, -1, cols).contiguous()
+    return None
 
 
 def _centred_sums(w, imp, iw, S, Z, maxq):
     """For each candidate column j of S, Z [R, c]: A = sum iw d, B = sum imp d^2 over the row's centred codes
     d = clamp(round(w / s) + z, 0, maxq) - z (float32 sums, as float64) [R, c]. Torch operations: the reference of
-    kernels.centred_sums."""
+    the sums in kernels.weighted_params."""
     d, idd = torch.empty_like(w), torch.empty_like(w)
     A, B = torch.empty(S.shape, dtype=torch.float64, device=w.device), torch.empty_like(S, dtype=torch.float64)
     for j in range(S.shape[1]):
@@ -200,7 +224,7 @@ def _centred_sums(w, imp, iw, S, Z, maxq):
 def _choose(C, margin, S, refit, Z, A, B, best, scale, zero):
     """Offer each candidate j (S[:, j], then refit[:, j], both with Z[:, j]) in turn: a row takes it where its error
     C - 2 s A + s^2 B is below the best so far by more than the margin. Returns (best, scale, zero); the reference
-    of kernels.choose."""
+    of the choice in kernels.weighted_params."""
     for j in range(S.shape[1]):
         for cand in (S[:, j], refit[:, j]):
             c = cand.double()

@@ -1,4 +1,4 @@
-"""Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid searches' code sums.
+"""Compiled inner loops (numba) for CPU tensors: the GPTQ solver's column runs and the grid searches.
 
 Both are loops of many small steps that torch runs one dispatched operation at a time (a few microseconds each, for
 a few hundred weights of arithmetic). The torch code in gptq.py, grid.py and kquant.py stays the reference and the
@@ -10,11 +10,13 @@ numba is imported on first use (it takes a few tenths of a second), and the comp
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 
 
+FP16_MAX = 65504.0  # fp16's largest finite value
 ROWS = 64  # output rows per parallel chunk of a run: a chunk's run of columns stays in L1 (32 x 64 x 4 bytes)
 
 
@@ -23,10 +25,10 @@ def _compiled():
     import numba
 
     jit = functools.partial(numba.njit, cache=True, nogil=True)
-    # a module global, not a closure variable of the runs that call it: numba keys its disk cache on the pickled
-    # closure cells, and a compiled function pickles with an id new in every process, so runs closing over it were
-    # compiled afresh (1.3-1.6 s) in every process instead of loaded from the cache
-    global _spread
+    # the helpers are module globals, not closure variables of the kernels that call them: numba keys its disk cache
+    # on the pickled closure cells, and a compiled function pickles with an id new in every process, so runs closing
+    # over one were compiled afresh (1.3-1.6 s) in every process instead of loaded from the cache
+    global _spread, _fp16, _fp16_scale, _params, _centred, _judge
 
     @jit
     def _spread(W, U, err, j, alpha, r0, r1):
@@ -98,36 +100,118 @@ def _compiled():
                 c += q * wr[i]
             sq[r], sqq[r], sqx[r] = a, b, c
 
-    @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-    def centred_sums(x, imp, iwx, inv, zero, maxq, a_out, b_out):
-        """Per row r of x [R, L] and candidate j: the centred codes d = clamp(round(x inv[r, j]) + zero[r, j], 0,
-        maxq) - zero[r, j] and A[r, j] = sum iwx d, B[r, j] = sum imp d^2 (rows in parallel)."""
-        rows, length = x.shape
-        fmax = np.float32(maxq)
-        for r in numba.prange(rows):
-            xr, pr, wr = x[r], imp[r], iwx[r]  # 1-D views: the loop vectorises
-            for j in range(inv.shape[1]):
-                v, z = inv[r, j], zero[r, j]
-                a = b = np.float32(0)
-                for i in range(length):
-                    d = min(max(np.rint(xr[i] * v) + z, np.float32(0)), fmax) - z
-                    a += wr[i] * d
-                    b += pr[i] * d * d
-                a_out[r, j], b_out[r, j] = a, b
+    @jit(inline="always")
+    def _fp16(x, fb, ub):
+        """float32 x (|x| <= 65504) rounded to the nearest fp16 value, ties to even (numba has no float16), through
+        fb, a 1-element float32 array, and ub, its uint32 view: the significand cut to fp16's 10 bits (a carry into
+        the exponent is right), or, below fp16's normal range, to a multiple of 2^-24."""
+        if abs(x) < np.float32(2.0 ** -14):
+            return np.rint(x * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
+        fb[0] = x
+        u = ub[0]
+        ub[0] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        return fb[0]
 
-    @numba.njit(cache=True, nogil=True)
-    def choose(C, margin, S, refit, Z, A, B, best, scale, zero):
-        """grid._choose, in place (float64 errors in the same order of operations)."""
-        for r in range(S.shape[0]):
-            for j in range(S.shape[1]):
-                for k in range(2):
-                    cand = S[r, j] if k == 0 else refit[r, j]
-                    c = np.float64(cand)
-                    err = C[r] - 2 * c * A[r, j] + c * c * B[r, j]
-                    if err < best[r] - margin[r]:
-                        best[r], scale[r], zero[r] = err, cand, Z[r, j]
+    @jit(inline="always")
+    def _fp16_scale(scale, sign, fb, ub):
+        """grid._fp16_scale for one value."""
+        if scale == 0:
+            scale = np.float32(1)
+        s = _fp16(min(max(scale, np.float32(-FP16_MAX)), np.float32(FP16_MAX)), fb, ub)
+        if s == 0:
+            s = np.float32(-(2.0 ** -24)) if sign < 0 else np.float32(2.0 ** -24)
+        return s
 
-    return grid_run, group_run, code_sums, centred_sums, choose
+    @jit(inline="always")
+    def _params(lo, hi, sym, maxq, fb, ub):
+        """grid._params for one group's (lo, hi): (scale, zero), float32."""
+        if sym:
+            half = np.float32((maxq + 1) // 2)
+            extreme = lo if -lo >= hi else hi
+            return _fp16_scale(extreme / -half, -extreme, fb, ub), half
+        scale = _fp16_scale((hi - lo) / np.float32(maxq), hi - lo, fb, ub)
+        zero = np.rint(-lo / scale)
+        if zero < 1:
+            scale = _fp16_scale(hi / np.float32(maxq - 1), hi, fb, ub)
+        return scale, min(max(zero, np.float32(1)), np.float32(maxq))
+
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _centred(x, imp, iw, S, Z, count, fmax, A, B):
+        """Candidates j < count of one group: A[j] = sum iw d, B[j] = sum imp d^2 for the centred codes
+        d = clamp(round(x / S[j]) + Z[j], 0, maxq) - Z[j] (float32 sums in any order: the loop vectorises). One
+        call per group and offer: a call passing arrays counts references on each, dearer than a candidate's sums."""
+        for j in range(count):
+            inv, z = np.float32(1) / S[j], Z[j]
+            a = b = np.float32(0)
+            for i in range(x.shape[0]):
+                d = min(max(np.rint(x[i] * inv) + z, np.float32(0)), fmax) - z
+                a += iw[i] * d
+                b += imp[i] * d * d
+            A[j], B[j] = a, b
+
+    @jit(inline="always")
+    def _judge(s, A, B, C, margin, best, fb, ub):
+        """grid._choose for one candidate s with sums A, B (float64) and its codes' least-squares scale: returns
+        (error, scale) of the later of the two that beats best by more than margin (grid._choose's float64 error,
+        same order of operations), else (best, nan)."""
+        refit = _fp16_scale(np.float32(A / max(B, 1e-30)) if B > 0 else s, s, fb, ub)
+        won = np.float32(np.nan)
+        for cand in (s, refit):
+            c = np.float64(cand)
+            err = C - 2 * c * A + c * c * B
+            if err < best - margin:
+                best, won = err, cand
+        return best, won
+
+    @jit(parallel=True)
+    def weighted_params(w, imp, p, sym, maxq, scale_out, zero_out):
+        """grid.find_params' "weighted" search for every group of L = imp.shape[2] columns of every row of w [N, K]
+        (rows contiguous): scale and zero into scale_out, zero_out [K / L, N]. imp [Gi, Ni, L]: each column's
+        importance, for each group (Gi = K / L) or all alike (Gi = 1), each row (Ni = N) or all alike (Ni = 1).
+        p: the candidates' multiples of the max-based scale. Rows in parallel, in chunks of ROWS; every step as
+        grid._weighted_search takes it, in its order, on one group at a time."""
+        n, k = w.shape
+        length, m = imp.shape[2], p.shape[0] + 1
+        groups, fmax = k // length, np.float32(maxq)
+        for c in numba.prange((n + ROWS - 1) // ROWS):
+            # scratch of this chunk's own: the group's weights, importance and their products, the candidates and
+            # their sums (slices of the shared arrays per group would each count a reference on them, an atomic
+            # operation the threads contend for)
+            x, im, iw = np.empty(length, np.float32), np.empty(length, np.float32), np.empty(length, np.float32)
+            S, Z, A, B = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m), np.empty(m)
+            fb = np.empty(1, dtype=np.float32)
+            ub = fb.view(np.uint32)
+            for r in range(c * ROWS, min((c + 1) * ROWS, n)):
+                for g in range(groups):
+                    gi, ri = (g if imp.shape[0] > 1 else 0), (r if imp.shape[1] > 1 else 0)
+                    lo = hi = cf = np.float32(0)
+                    for i in range(length):
+                        v = w[r, g * length + i]
+                        x[i], im[i] = v, imp[gi, ri, i]
+                        iw[i] = im[i] * v
+                        cf += iw[i] * v
+                        lo, hi = min(lo, v), max(hi, v)
+                    C = np.float64(cf)
+                    margin, best = 1e-6 * C, np.inf
+                    S[0], Z[0] = _params(lo, hi, sym, maxq, fb, ub)  # the max-based grid, then its multiples
+                    for j in range(1, m):
+                        S[j], Z[j] = _params(lo * p[j - 1], hi * p[j - 1], sym, maxq, fb, ub)
+                    _centred(x, im, iw, S, Z, m, fmax, A, B)
+                    scale, zero = S[0], Z[0]
+                    for j in range(m):
+                        best, won = _judge(S[j], A[j], B[j], C, margin, best, fb, ub)
+                        if won == won:
+                            scale, zero = won, Z[j]
+                    if not sym:  # the zero point one step either side of the best so far
+                        for step in (-1, 1):
+                            S[0], Z[0] = scale, min(max(zero + np.float32(step), np.float32(1)), fmax)
+                            _centred(x, im, iw, S, Z, 1, fmax, A, B)
+                            best, won = _judge(S[0], A[0], B[0], C, margin, best, fb, ub)
+                            if won == won:
+                                scale, zero = won, Z[0]
+                    scale_out[g, r], zero_out[g, r] = scale, zero
+
+    return grid_run, group_run, code_sums, weighted_params
 
 
 @functools.cache
@@ -174,17 +258,11 @@ def code_sums(x, iw, iwx, scale, offset, lo, hi, has_min):
     return (sq if has_min else None), sqq, sqx
 
 
-def centred_sums(x, imp, iwx, scale, zero, maxq):
-    """grid._centred_sums for x, imp, iwx [R, L] (contiguous) and the candidates' scale, zero [R, c]: (A, B) [R, c],
-    float32 sums as float64."""
-    a, b = torch.empty(scale.shape), torch.empty(scale.shape)
-    inv = (1 / scale).contiguous()  # as torch's path: w times the reciprocal
-    _compiled()[3](_np(x), _np(imp), _np(iwx), _np(inv), _np(zero.contiguous()), maxq, _np(a), _np(b))
-    return a.double(), b.double()
-
-
-def choose(C, margin, S, refit, Z, A, B, best, scale, zero):
-    """grid._choose on CPU tensors: (best, scale, zero), updated in place (copies first where not contiguous)."""
-    best, scale, zero = (t.contiguous() for t in (best, scale, zero))
-    _compiled()[4](*(_np(t.contiguous()) for t in (C, margin, S, refit, Z, A, B)), _np(best), _np(scale), _np(zero))
-    return best, scale, zero
+def weighted_params(w, imp, sym, maxq, multiples):
+    """grid's "weighted" search for every group of L columns of every row of w [N, K] (float32): (scales, zeros)
+    [K / L, N]. imp [Gi, Ni, L] (contiguous): the columns' importance per group (Gi = K / L, or 1: the same for all)
+    and per row (Ni = N, or 1); multiples: grid.SEARCH_RANGE's candidates."""
+    n, k = w.shape
+    out = torch.empty(k // imp.shape[2], n), torch.empty(k // imp.shape[2], n)
+    _compiled()[3](_np(w), _np(imp), _np(multiples), sym, maxq, *(_np(o) for o in out))
+    return out

@@ -116,4 +116,6 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
             x = torch.randn(n).to(dtype)
             x[at] = bad
             assert not all_finite(x.view(37, 129)), (bad, at)
+            assert not all_finite(x.view(37, 129).t()), (bad, at)  # column-major (LAPACK's factors), read as such
+            assert all_finite(x.view(37, 129)[:, 1:]) == (at % 129 == 0), (bad, at)  # a strided view: column 0 left out
     assert not all_finite(torch.tensor([70000.0]).to(torch.float16))  # overflows float16: Inf

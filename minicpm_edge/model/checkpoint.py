@@ -29,6 +29,8 @@ def all_finite(t: torch.Tensor) -> bool:
     gigabytes on an embedding table)."""
     if t.numel() == 0:
         return True
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        t = t.t()  # column-major (LAPACK's factors): the same values in memory order, ~25x faster on CPU
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -116,7 +116,7 @@ def group_params(w: torch.Tensor, spec: QuantSpec, search: str = "weighted",
     by_group = w.reshape(n, groups, glen).transpose(0, 1)  # [groups, N, glen], a view
     imp = None if importance is None else importance.float().reshape(groups, 1, glen)
     step = max(1, CHUNK // (glen * n))  # groups per find_params call: about CHUNK weights, copied out as rows
-    with one_thread(w.device):  # elementwise work (and compiled sums with threads of their own) per chunk
+    with one_thread(w.device):  # elementwise work per chunk
         parts = [find_params(by_group[a:a + step].reshape(-1, glen), spec, search,
                              None if imp is None else imp[a:a + step].expand(-1, n, -1).reshape(-1, glen))
                  for a in range(0, groups, step)]

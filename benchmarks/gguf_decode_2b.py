@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_tools  # noqa: E402
 
 from minicpm_edge.bench import roofline  # noqa: E402
-from minicpm_edge.bench.run import local_device  # noqa: E402
+from minicpm_edge.bench.run import child_env, local_device  # noqa: E402
 from minicpm_edge.export.ios import export_ios  # noqa: E402
 from minicpm_edge.model.synthetic import write_synthetic  # noqa: E402
 from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint  # noqa: E402
@@ -34,7 +34,7 @@ from minicpm_edge.quant.grid import QuantSpec  # noqa: E402
 def bench(tool: Path, gguf: Path, p: int, n: int, reps: int, threads: int) -> dict:
     """llama-bench's mean tokens/s for pp<p> and tg<n> (one process, `reps` repetitions after its warm-up)."""
     cmd = [str(tool), "-m", str(gguf), "-p", str(p), "-n", str(n), "-r", str(reps), "-t", str(threads), "-o", "json"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())  # OpenMP's default wait, as llama.cpp's
     if r.returncode:
         raise SystemExit(f"llama-bench failed on {gguf}: {r.stderr.strip().splitlines()[-1:]}")
     rows = json.loads(r.stdout)

@@ -42,6 +42,7 @@ import llama_tools  # noqa: E402
 from minicpm_edge import calib  # noqa: E402
 from minicpm_edge.bench.run import local_device  # noqa: E402
 from minicpm_edge.export.ios import export_ios  # noqa: E402
+from minicpm_edge.bench.run import child_env  # noqa: E402
 from minicpm_edge.model import Checkpoint, Tokenizer  # noqa: E402
 from minicpm_edge.quant.driver import QuantOptions  # noqa: E402
 from minicpm_edge.quant.grid import QuantSpec  # noqa: E402
@@ -54,10 +55,13 @@ LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ff
 
 
 def run(cmd: list, log: Path) -> float:
-    """Run a tool with its output in `log`; seconds taken. A failure ends the benchmark with the log's tail."""
+    """Run a tool with its output in `log`; seconds taken. A failure ends the benchmark with the log's tail.
+    Peers (anything but our CLI) run in their own default environment: without the OMP_WAIT_POLICY=PASSIVE that
+    importing minicpm_edge sets for torch (llama.cpp's tools are OpenMP programs, slower waiting passively)."""
     t = time.time()
+    env = None if cmd[0] == sys.executable else child_env()
     with open(log, "w") as f:
-        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
         raise SystemExit(f"{Path(str(cmd[0])).name} failed ({rc}); last lines of {log}:\n{tail}")

@@ -271,13 +271,17 @@ def bench_run(
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP + " bench ingest reads it."),
 ):
     """Prefill and decode tokens/s through the artifact's own runtime."""
-    from .bench.run import context_needed, measure, rows
+    from .bench.run import context_needed, measure, measure_apart, rows
     from .bench.store import Store
-    from .runtimes import open_runner
+    from .runtimes import open_runner, resolve
 
-    runner = open_runner(artifact, runtime, threads=threads, n_ctx=context_needed(n_prompt, n_gen))
-    with err.status(f"timing {artifact} through {runner.name} ({runs} runs)"):
-        summary = measure(runner, n_prompt=n_prompt, n_gen=n_gen, runs=runs, artifact=artifact)
+    artifact, runtime = resolve(artifact, runtime)
+    n_ctx, kw = context_needed(n_prompt, n_gen), dict(n_prompt=n_prompt, n_gen=n_gen, runs=runs)
+    with err.status(f"timing {artifact} through {runtime} ({runs} runs)"):
+        if runtime == "llama.cpp":  # in a process of its own, at OpenMP's default wait policy (minicpm_edge/__init__)
+            summary = measure_apart(artifact, runtime, threads, n_ctx, **kw)
+        else:
+            summary = measure(open_runner(artifact, runtime, threads=threads, n_ctx=n_ctx), artifact=artifact, **kw)
     with Store(db) as store:
         new = store.add(rows(summary))
         where = store.path

@@ -7,6 +7,7 @@ from pathlib import Path
 import sqlite3
 import stat
 import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -489,6 +490,35 @@ def test_measure_repeats_decode_pairs_spoilt_by_a_stall(monkeypatch):
         run.measure(StallingRunner(clock, stalls=100), n_prompt=64, n_gen=16, runs=3, bandwidth_gbs=10.0)
 
 
+def test_llama_cpp_is_timed_at_openmps_default_wait_policy(monkeypatch):
+    """minicpm_edge sets OMP_WAIT_POLICY=PASSIVE for torch; llama.cpp's ggml, on the same OpenMP runtime, decoded 10x
+    slower that way, so its timing runs in a child without it, unless the user chose a policy themselves."""
+    import minicpm_edge
+
+    monkeypatch.setattr(minicpm_edge, "OMP_POLICY_SET_HERE", True)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    env = run.child_env()
+    assert "OMP_WAIT_POLICY" not in env and env["MINICPM_EDGE_OMP_DEFAULT"] == "1"
+    script = "import os, minicpm_edge; print(os.environ.get('OMP_WAIT_POLICY'), minicpm_edge.OMP_POLICY_SET_HERE)"
+    child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert child.stdout.split() == ["None", "False"], child.stderr  # the child's import leaves the default alone
+    monkeypatch.setattr(minicpm_edge, "OMP_POLICY_SET_HERE", False)  # the user's own setting travels as it is
+    assert run.child_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_a_child_that_dies_gives_one_line(monkeypatch, tmp_path):
+    """measure_apart: the child's own one-line error (exit 2) as it is; any other death named with its exit code."""
+    def fake(returncode, stderr):
+        return lambda *a, **kw: subprocess.CompletedProcess(a, returncode, "", stderr)
+
+    monkeypatch.setattr(run.subprocess, "run", fake(2, "some warning\nm.gguf: llama.cpp cannot load this file (x)\n"))
+    with pytest.raises(UserError, match=r"^m.gguf: llama.cpp cannot load this file \(x\)$"):
+        run.measure_apart(tmp_path / "m.gguf", "llama.cpp", None, 64, n_prompt=8, n_gen=4, runs=1)
+    monkeypatch.setattr(run.subprocess, "run", fake(-11, ""))
+    with pytest.raises(UserError, match=r"failed in its child process \(exit -11\): no message"):
+        run.measure_apart(tmp_path / "m.gguf", "llama.cpp", None, 64, n_prompt=8, n_gen=4, runs=1)
+
+
 def test_measure_torch_runner_on_bundled_model(bundled, tmp_path):
     from minicpm_edge.runtimes import open_runner
 
@@ -625,8 +655,6 @@ def test_plan_refuses_bad_requests(tmp_path):
 def test_cli_run_ingest_report_on_gguf_and_onnx(bundled_gptq, tmp_path):
     """The verbs end to end on this machine: bench run through llama.cpp and onnxruntime writes rows, its JSON
     ingests as duplicates, and bench report draws the plot."""
-    import sys
-
     from minicpm_edge.export.ios import export_ios
     from minicpm_edge.export.onnx import export_onnx
 

@@ -8,7 +8,11 @@ token's cost subtracted, so the decode rate excludes prefill for any runner.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
+import subprocess
+import sys
 import threading
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -159,3 +163,46 @@ def measure(runner, n_prompt: int = 512, n_gen: int = 128, runs: int = 3, artifa
 def rows(summary: dict) -> list[Result]:
     """Store rows from a measure() summary."""
     return [Result(**r) for r in summary["rows"]]
+
+
+def child_env() -> dict:
+    """This process's environment for a child that times llama.cpp: OpenMP's wait policy at its default, unless the
+    user chose one (minicpm_edge sets PASSIVE for torch, which makes ggml's many short barriers slow)."""
+    import minicpm_edge
+
+    env = dict(os.environ)
+    if minicpm_edge.OMP_POLICY_SET_HERE:
+        env.pop("OMP_WAIT_POLICY", None)
+        env["MINICPM_EDGE_OMP_DEFAULT"] = "1"
+    return env
+
+
+def measure_apart(artifact: Path, runtime: str, threads: int | None, n_ctx: int, **kw) -> dict:
+    """measure() of open_runner(artifact, runtime, threads, n_ctx) in a child process with child_env(): the summary,
+    or the child's one-line error as a UserError."""
+    args = {"artifact": str(artifact), "runtime": runtime, "threads": threads, "n_ctx": n_ctx, **kw}
+    r = subprocess.run([sys.executable, "-m", "minicpm_edge.bench.run", json.dumps(args)], capture_output=True,
+                       text=True, env=child_env())
+    if r.returncode:
+        lines = r.stderr.strip().splitlines()
+        raise UserError(lines[-1] if lines and r.returncode == 2 else f"timing {artifact} failed in its child "
+                        f"process (exit {r.returncode}): {lines[-1] if lines else 'no message'}")
+    return json.loads(r.stdout)
+
+
+def _child(arg: str) -> None:
+    from ..runtimes import open_runner
+
+    a = json.loads(arg)
+    artifact = Path(a.pop("artifact"))
+    try:
+        runner = open_runner(artifact, a.pop("runtime"), threads=a.pop("threads"), n_ctx=a.pop("n_ctx"))
+        summary = measure(runner, artifact=artifact, **a)
+    except UserError as e:
+        sys.stderr.write(f"{e}\n")
+        raise SystemExit(2) from None
+    sys.stdout.write(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

@@ -46,13 +46,19 @@ def detect(path: Path) -> str:
     raise UserError(f"{path}: not a checkpoint directory, GGUF file or ONNX export folder")
 
 
-def open_runner(path: Path, runtime: str | None = None, threads: int | None = None, n_ctx: int = 2048):
+def resolve(path: Path, runtime: str | None = None) -> tuple[Path, str]:
+    """The artifact's path (a hub name resolved) and the runtime that runs it (`runtime`, or from the artifact)."""
     from ..model.hub import resolve_model
 
     path = resolve_model(path)
     runtime = runtime or detect(path)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return path, runtime
+
+
+def open_runner(path: Path, runtime: str | None = None, threads: int | None = None, n_ctx: int = 2048):
+    path, runtime = resolve(path, runtime)
     if runtime == "torch":
         from .torch import TorchRunner
 

@@ -517,6 +517,9 @@ def test_a_child_that_dies_gives_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(run.subprocess, "run", fake(-11, ""))
     with pytest.raises(UserError, match=r"failed in its child process \(exit -11\): no message"):
         run.measure_apart(tmp_path / "m.gguf", "llama.cpp", None, 64, n_prompt=8, n_gen=4, runs=1)
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 0, "noise\n", ""))
+    with pytest.raises(UserError, match="its child process gave no result"):
+        run.measure_apart(tmp_path / "m.gguf", "llama.cpp", None, 64, n_prompt=8, n_gen=4, runs=1)
 
 
 def test_measure_torch_runner_on_bundled_model(bundled, tmp_path):

@@ -183,11 +183,14 @@ def measure_apart(artifact: Path, runtime: str, threads: int | None, n_ctx: int,
     args = {"artifact": str(artifact), "runtime": runtime, "threads": threads, "n_ctx": n_ctx, **kw}
     r = subprocess.run([sys.executable, "-m", "minicpm_edge.bench.run", json.dumps(args)], capture_output=True,
                        text=True, env=child_env())
+    lines = r.stderr.strip().splitlines()
     if r.returncode:
-        lines = r.stderr.strip().splitlines()
         raise UserError(lines[-1] if lines and r.returncode == 2 else f"timing {artifact} failed in its child "
                         f"process (exit {r.returncode}): {lines[-1] if lines else 'no message'}")
-    return json.loads(r.stdout)
+    try:  # the summary is the child's last line of output (a runtime may have printed before it)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise UserError(f"timing {artifact}: its child process gave no result") from None
 
 
 def _child(arg: str) -> None:
@@ -201,7 +204,7 @@ def _child(arg: str) -> None:
     except UserError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(2) from None
-    sys.stdout.write(json.dumps(summary))
+    sys.stdout.write("\n" + json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":

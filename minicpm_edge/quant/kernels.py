@@ -151,9 +151,9 @@ def _compiled():
 
     @jit(inline="always")
     def _judge(s, A, B, C, margin, best, fb, ub):
-        """grid._choose for one candidate s with sums A, B (float64) and its codes' least-squares scale: returns
-        (error, scale) of the later of the two that beats best by more than margin (grid._choose's float64 error,
-        same order of operations), else (best, nan)."""
+        """grid._choose for one candidate s with sums A, B (float64), then for its codes' least-squares scale:
+        (error, scale) of the last of the two to beat the best so far by more than margin (grid._choose's float64
+        error, same order of operations), or (best, nan) when neither does."""
         refit = _fp16_scale(np.float32(A / max(B, 1e-30)) if B > 0 else s, s, fb, ub)
         won = np.float32(np.nan)
         for cand in (s, refit):

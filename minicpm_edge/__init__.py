@@ -10,7 +10,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 # spinning between parallel regions, where they take the core from the thread with the work: one small tensor
 # operation measured 16 ms instead of 15 us on 2 threads under load. Passive waiting costs microseconds per region.
 # llama.cpp's ggml shares that OpenMP runtime (torch's libgomp, loaded first) and waits at a few hundred barriers per
-# decoded token: passively that decode measured 10x slower (bundled GGUF, 2 threads: 320 against 3100-4700 tok/s), so
+# decoded token: passively that decode measured 10x slower (bundled GGUF, 2 threads: 320 against 2960-4800 tok/s), so
 # `bench run` times llama.cpp in a child process at OpenMP's default (MINICPM_EDGE_OMP_DEFAULT=1 there).
 OMP_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ and os.environ.get("MINICPM_EDGE_OMP_DEFAULT") != "1"
 if OMP_POLICY_SET_HERE:

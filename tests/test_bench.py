@@ -429,8 +429,13 @@ def test_bandwidth_table_lookup_and_extension(tmp_path):
 
 
 def test_measure_bandwidth_here():
-    gbs = roofline.measure_bandwidth(mib=64, repeats=3)
-    assert np.isfinite(gbs) and gbs > 0
+    import torch
+
+    threads = torch.get_num_threads()
+    for n in (None, 1):
+        gbs = roofline.measure_bandwidth(mib=64, repeats=3, threads=n)
+        assert np.isfinite(gbs) and gbs > 0
+        assert torch.get_num_threads() == threads  # torch's thread count as it was
 
 
 class FakeClock:

@@ -79,17 +79,26 @@ def lookup_bandwidth(device: str, table: dict | None = None) -> tuple[str, float
     return None
 
 
-def measure_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """This machine's memory bandwidth in GB/s: median over `repeats` copies of a `mib` MiB buffer (read + write)."""
-    src = np.ones(mib << 20, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in before timing
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.nbytes / float(np.median(times)) / 1e9
+def measure_bandwidth(mib: int = 512, repeats: int = 5, threads: int | None = None) -> float:
+    """This machine's memory read bandwidth in GB/s, what decode is bound by: median over `repeats` sums of a `mib` MiB
+    float32 buffer (well past the caches) on `threads` threads (default: torch's count, all cores). The one-thread
+    copy (read + write) measured before gave 26-27 GB/s on a 2-core AMD EPYC VM where two threads' sums read 30-52
+    (moving with the VM's neighbours) and llama.cpp's 2B decode pulled 33: a bound decode exceeded."""
+    import torch
+
+    x = torch.ones(mib << 18)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        x.sum()  # fault the pages in before timing
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return x.numel() * 4 / float(np.median(times)) / 1e9
 
 
 def decode_bound(bandwidth_gbs: float, bytes_per_token: int) -> float:

@@ -136,7 +136,7 @@ def measure(runner, n_prompt: int = 512, n_gen: int = 128, runs: int = 3, artifa
         roof = roofline.bytes_per_token(artifact) if artifact is not None else {}
     except UserError:
         roof = {}
-    bandwidth = bandwidth_gbs if bandwidth_gbs is not None else roofline.measure_bandwidth()
+    bandwidth = bandwidth_gbs if bandwidth_gbs is not None else roofline.measure_bandwidth(threads=runner.threads)
     bpt = roof.get("bytes_per_token", 0)
     summary = {
         "format": OURS, "version": 1, "device": local_device(), "runtime": runner.name, "threads": runner.threads,

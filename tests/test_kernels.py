@@ -154,6 +154,8 @@ def test_compiled_search_takes_every_importance_shape(monkeypatch):
     torch's parameters (no near-ties at these sizes); a shape it does not take goes to torch's search."""
     g = torch.Generator().manual_seed(9)
     w = torch.randn(40, 32, generator=g)
+    w[20:] = 0.25 * (torch.randint(0, 16, (20, 32), generator=g) - 8)  # on a grid: exact ties among the candidates
+    w[20:, 0] = -2.0  # (the max-based scale and its codes' refit are both 0.25); the earlier one must stay
     cols = torch.rand(32, generator=g) + 0.1
     for spec in (QuantSpec(4, 32, True), QuantSpec(3, 32, False)):
         for imp in (None, cols, cols.expand(40, 32), cols[None], torch.rand(40, 1, generator=g) + 0.1):

@@ -165,6 +165,7 @@ def test_compiled_search_takes_every_importance_shape(monkeypatch):
                 ref = grid.find_params(w, spec, "weighted", imp)
             assert torch.equal(compiled[0], ref[0]) and torch.equal(compiled[1], ref[1])
             assert torch.equal(compiled[0].half().float(), compiled[0])  # fp16-representable, as stored
+            assert (grid._row_importance(imp, 40, 32) is None) == (imp is not None and imp.shape == (40, 1))
 
 
 def test_compiled_fp16_rounding_is_torchs():

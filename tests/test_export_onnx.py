@@ -141,6 +141,27 @@ def test_files_checker_and_genai_config(exported, gptq):
                                     "accuracy_level": 4}
 
 
+def test_scale_emb_is_folded_into_the_residual_units(exported, gptq):
+    """No Mul on the embedding rows each token: the graph carries the residual stream / scale_emb, the branch scales
+    are divided by it (test_matmulnbits_initializers_are_the_gptq_codes) and every RMSNorm's epsilon by its square
+    (RMSNorm_eps(s*x) = RMSNorm_{eps/s^2}(x)); the logits tests check the function."""
+    model = onnx.load(str(exported("gqa") / "model.onnx"), load_external_data=False)
+    cfg = Checkpoint(gptq("gqa")).config
+    assert cfg.embedding_scale == 12
+    eps = np.float32(cfg.rms_norm_eps / cfg.embedding_scale ** 2)
+    nodes = model.graph.node
+    gather = next(n for n in nodes if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight")
+    cast = next(n for n in nodes if n.input == [gather.output[0]])
+    rows = sorted(n.op_type for n in nodes if cast.output[0] in n.input)
+    assert cast.op_type == "Cast" and rows == ["Div", "Pow", "SkipSimplifiedLayerNormalization"]  # norm + residual
+    skips = [n for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(skips) == 8 and all(np.float32(a.f) == eps for n in skips for a in n.attribute if a.name == "epsilon")
+    after = lambda node: next(n for n in nodes if node.output[0] in n.input)  # noqa: E731
+    add = after(after(next(n for n in nodes if n.op_type == "Pow" and n.input[0] == cast.output[0])))  # mean, + eps
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("const_")}
+    assert add.op_type == "Add" and consts[add.input[1]] == eps
+
+
 def test_head_in_float32_slices_matches_one_gemm(exported, gptq, tmp_path, monkeypatch):
     """A float16 table over onnxruntime's 1 GiB folding limit in float32 (MiniCPM-2B's) is cast by vocabulary slices:
     forced here on the small model, the logits equal those of the single Gemm and the slices are folded at load."""
@@ -196,8 +217,9 @@ def test_matmulnbits_initializers_are_the_gptq_codes(exported, gptq, name):
             block = np.arange(k) // bs
             g = q.g_idx.long()
             want = q.scales.float()[g].t().numpy()
-            if node.name.endswith(("o_proj", "down_proj")):  # muP's residual multiplier folded into the scales
-                want = (want.astype(np.float64) * ckpt.config.residual_scale).astype(np.float32)
+            if node.name.endswith(("o_proj", "down_proj")):  # muP's residual multiplier folded into the scales,
+                c = ckpt.config  # in the units of the residual stream / scale_emb
+                want = (want.astype(np.float64) * c.residual_scale / c.embedding_scale).astype(np.float32)
             assert np.array_equal(scales[rows][:, block], want)
             if zeros is not None:
                 assert np.array_equal(unpack(zeros[rows], q.bits, kb)[:, block], q.zeros[g].t().numpy())

@@ -6,13 +6,14 @@ bits), scales float [N, k_blocks], zero_points packed like B [N, ceil(k_blocks*b
 grid (group -1) becomes 128-wide blocks that repeat the row's scale and zero. The CPU kernel takes 2, 4 and 8 bits.
 
 The graph is model/forward.py in ONNX ops (opset 17, float32 activations) with onnxruntime's fused decode ops, as
-onnxruntime-genai's model builder makes them: Gather x scale_emb, then per layer q|k|v as one MatMulNBits (the three
+onnxruntime-genai's model builder makes them: Gather, then per layer q|k|v as one MatMulNBits (the three
 Linears' rows stacked, codes unchanged), com.microsoft.GroupQueryAttention (causal GQA, rotate-half rotary from cos/sin
 tables of the checkpoint's fixed frequencies times LongRoPE's attention factor, BNSH key/value caches that it appends
 to or, in genai with past_present_share_buffer, fills in place; positions come from attention_mask, so no
 position_ids and batches are right-padded), o_proj, gate|up as one MatMulNBits, SiLU/ReLU/FATReLU, down_proj, and
 each residual add fused with the next RMSNorm (com.microsoft.SkipSimplifiedLayerNormalization). muP's residual
-multiplier is folded into the float32 scales of o_proj and down_proj and 1/logit_scale into the final norm's weight.
+multiplier is folded into the float32 scales of o_proj and down_proj, 1/logit_scale into the final norm's weight, and
+scale_emb into the units of the residual stream (branch scales / scale_emb, norm epsilons / scale_emb^2).
 MiniCPM3 (latent attention) keeps plain ops: its cache is the normed latent and the rotated shared key, which
 GroupQueryAttention cannot hold (no genai_config.json then). The head is a Gemm(transB) on the embedding (stored once)
 or lm_head; both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph
@@ -338,7 +339,7 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
     half = embed.dtype == np.float16
     embed = g.weight("model.embed_tokens.weight", embed)
     h = g.op("Gather", embed, "input_ids", axis=0)
-    h = scaled(g.op("Cast", h, to=TensorProto.FLOAT) if half else h, cfg.embedding_scale)
+    h = g.op("Cast", h, to=TensorProto.FLOAT) if half else h  # the GQA decoder folds scale_emb into what follows
 
     def head(x, table, half):  # x [rows, hidden] @ table[V, hidden]^T; a float16 table by float32 slices <= FOLD_BYTES
         if not half:
@@ -398,6 +399,7 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
         padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
         mask = g.op("Where", g.op("And", causal, padding), g.const(0.0, np.float32), g.const(NEG, np.float32))
 
+        h = scaled(h, cfg.embedding_scale)
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             h = g.op("Add", h, scaled(latent_attention(norm(h, p + "input_layernorm.weight"), p, i),
@@ -425,7 +427,8 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
 
 
 def _gqa_decoder(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, h: str, linear, norm) -> str:
-    """The decoder layers with onnxruntime's fused decode ops; returns the final-normed hidden states / logit_scale.
+    """The decoder layers with onnxruntime's fused decode ops on the embedding rows `h` (before muP's scale_emb);
+    returns the final-normed hidden states / logit_scale.
 
     Per layer: q|k|v as one MatMulNBits into com.microsoft.GroupQueryAttention (causal, GQA, rotate-half rotary from
     cos/sin tables of the fixed frequencies with LongRoPE's attention factor folded in, key/value caches [B, kv, S, d]
@@ -433,7 +436,10 @@ def _gqa_decoder(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, h: str, linear, 
     MatMulNBits, and each residual add fused with the next RMSNorm (com.microsoft.SkipSimplifiedLayerNormalization).
     GroupQueryAttention takes positions from the cache length (seqlens_k = attention_mask sum - 1, so a batch is
     right-padded) and needs no position_ids. muP's multipliers cost no operations: residual_scale is folded into the
-    float32 scales of o_proj and down_proj, 1/logit_scale into the final norm's weight (one float32 rounding each).
+    float32 scales of o_proj and down_proj, 1/logit_scale into the final norm's weight (one float32 rounding each),
+    and scale_emb into the residual stream's units: the graph carries h / scale_emb, so the branches' scales take
+    residual_scale / scale_emb and every RMSNorm the epsilon eps / scale_emb^2, since
+    RMSNorm_eps(s*x) = x / sqrt(mean(x^2) + eps / s^2) (no Mul on the embedding rows each token).
     """
     d, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     positions = max(cfg.exact_context, cfg.max_position_embeddings)
@@ -445,16 +451,18 @@ def _gqa_decoder(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, h: str, linear, 
     lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
     seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)
     total = g.op("Cast", g.op("Gather", g.op("Shape", "attention_mask"), g.const(1), axis=0), to=TensorProto.INT32)
+    unit = cfg.embedding_scale  # h here = the residual stream / scale_emb
+    eps, branch = cfg.rms_norm_eps / unit**2, cfg.residual_scale / unit
 
     def skip_norm(h, branch, name, divide=1.0):  # (RMSNorm(h + branch) with weight `name` / divide, h + branch)
         node = f"{name}/skip_norm"
         outs = [f"{node}/out0", "", "", f"{node}/out3"]
         gamma = (ckpt.tensor(name).double().numpy() / divide).astype(np.float32)
         g.op("SkipSimplifiedLayerNormalization", h, branch, g.weight(name, gamma), outputs=outs, name=node,
-             domain="com.microsoft", epsilon=cfg.rms_norm_eps)
+             domain="com.microsoft", epsilon=eps)
         return outs[0], outs[3]
 
-    x = norm(h, "model.layers.0.input_layernorm.weight")
+    x = norm(h, "model.layers.0.input_layernorm.weight", eps)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         qkv = linear(x, p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
@@ -462,12 +470,12 @@ def _gqa_decoder(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, h: str, linear, 
                    seqlens_k, total, cos, sin, outputs=[f"{p}attn/out0", f"present.{i}.key", f"present.{i}.value"],
                    name=p + "attn", domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1,
                    rotary_interleaved=0, scale=1 / math.sqrt(d))[0]
-        x, h = skip_norm(h, linear(att, p + "self_attn.o_proj", factor=cfg.residual_scale),
+        x, h = skip_norm(h, linear(att, p + "self_attn.o_proj", factor=branch),
                          p + "post_attention_layernorm.weight")
         gate, up = g.op("Split", linear(x, p + "mlp.gate_proj", p + "mlp.up_proj"),
                         g.const([cfg.intermediate_size] * 2), axis=-1, outputs=2)
         last = i + 1 == cfg.num_hidden_layers
-        down = linear(g.op("Mul", _activation(g, cfg, gate), up), p + "mlp.down_proj", factor=cfg.residual_scale)
+        down = linear(g.op("Mul", _activation(g, cfg, gate), up), p + "mlp.down_proj", factor=branch)
         x, h = skip_norm(h, down, "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight",
                          cfg.logit_scale if last else 1.0)
     return x

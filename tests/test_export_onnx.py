@@ -389,6 +389,24 @@ def test_runner_refuses_bad_folders(tmp_path):
         OnnxRunner(tmp_path)
 
 
+def test_runner_reads_a_symbolic_cache_width_from_genai_config(exported, tmp_path):
+    """onnxruntime-genai's builder leaves the cache's head size symbolic (`kv_cache_dim`): the runner takes it, as
+    genai does, from genai_config.json, and refuses the folder in one line when nothing gives it."""
+    out = tmp_path / "symbolic"
+    shutil.copytree(exported("gqa"), out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    onnx.save(model, str(out / "model.onnx"))  # the weights stay in model.onnx.data
+    runner = OnnxRunner(out, threads=1)
+    assert runner.kv_shapes[0] == [0, 2, 0, 32]
+    assert np.array_equal(runner.logits(IDS), OnnxRunner(exported("gqa"), threads=1).logits(IDS))
+    (out / "genai_config.json").unlink()
+    with pytest.raises(UserError, match="past_key_values.0.key leaves its head count or size symbolic"):
+        OnnxRunner(out)
+
+
 def test_rope_scaling_is_recorded_and_changes_the_graph(exported, gptq):
     info = json.loads((exported("longrope") / "export.json").read_text())["model"]
     assert info["rope_scaling"]["list_used"] == "long" and info["exact_context"] == 1024

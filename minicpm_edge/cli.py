@@ -228,8 +228,8 @@ def export(
     force: bool = typer.Option(False, help="Replace an existing --out."),
     dtype: str = typer.Option("f16", help="ios, unquantised checkpoints: f16 or f32 weights."),
     embedding: str = typer.Option("f16", help="ios: embedding (and untied head) type f16, f32, q8_0 or q6_k (what "
-                                  "llama.cpp's mixes give a tied table); onnx: f16, or q8_0 / q4_0 for the head "
-                                  "(faster decode; the lookup stays f16)."),
+                                  "llama.cpp's mixes give a tied table); onnx: f16, or q8_0 / q4_0 (the table on "
+                                  "that grid for the lookup and the head: smaller, faster decode)."),
     layout: str = typer.Option("q4f16_0", help="android/harmony: q4f16_0 (default) or q4f16_1."),
     accuracy_level: int = typer.Option(4, help="onnx: MatMulNBits accuracy_level: 4 int8 compute (faster), 0 fp32."),
     model_id: Optional[str] = typer.Option(None, help="android/harmony: MLC model id (default: <name>-<layout>-MLC)."),

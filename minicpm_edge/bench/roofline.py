@@ -241,13 +241,17 @@ def _onnx(path: Path) -> dict:
         except (KeyError, ValueError, TypeError):
             raise UserError(f"{path / 'model.onnx'}: initializer {t.name} has an unknown data type") from None
         tensors[t.name] = (n * itemsize, t.dims[0] if t.dims else 1)
+    # a Reshape of an initializer (the quantised table's codes as GatherBlockQuantized reads them) stands for it
+    reshaped = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Reshape" and n.input[0] in tensors}
     users: dict[str, list] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
-            users.setdefault(name, []).append((node.op_type, i))
-    # an initializer used only as the data input of Gather nodes is an embedding lookup, and GroupQueryAttention's
-    # cos/sin caches are read at the token's position: one row per token
-    rows = {("Gather", 0), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
+            if not (node.op_type == "Reshape" and i == 0 and node.output[0] in reshaped):
+                users.setdefault(reshaped.get(name, name), []).append((node.op_type, i))
+    # an initializer used only as the data input of Gather nodes (or the codes and scales of GatherBlockQuantized) is
+    # an embedding lookup, and GroupQueryAttention's cos/sin caches are read at the token's position: one row a token
+    gathers = {("Gather", 0), ("GatherBlockQuantized", 0)}
+    rows = {*gathers, ("GatherBlockQuantized", 2), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
     lookups = [n for n in tensors if users.get(n) and all(u in rows for u in users[n])]
     out = _summary("onnx", tensors, None, False, "")
     out["bytes_per_token"] -= sum(tensors[n][0] - tensors[n][0] // max(tensors[n][1], 1) for n in lookups)
@@ -255,7 +259,7 @@ def _onnx(path: Path) -> dict:
     half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     cast = [n for n in half if any(u[0] in ("Cast", "Slice") for u in users.get(n, []))]
     out["bytes_per_token"] += sum(tensors[n][0] for n in cast)
-    out["tied"] = not any(("Gather", 0) in users[n] for n in lookups)
+    out["tied"] = not any(gathers & set(users[n]) for n in lookups)
     bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
     out["quant"] = f"MatMulNBits w{'/'.join(map(str, sorted(bits)))}" if bits else "float"
     return out

@@ -18,7 +18,9 @@ MiniCPM3 (latent attention) keeps plain ops: its cache is the normed latent and 
 GroupQueryAttention cannot hold (no genai_config.json then). The head is a Gemm(transB) on the embedding (stored once)
 or lm_head; both tables are stored float16 when the checkpoint holds them in 16 bits and cast to float32 in the graph
 (for the head in slices that onnxruntime folds at session load: the MiniCPM-2B export is 1.97 GiB instead of 2.50),
-or, with --embedding q8_0 / q4_0, the head is an 8- / 4-bit MatMulNBits on our Q8_0 / Q4_0 grid.
+or, with --embedding q8_0 / q4_0, stored once on our Q8_0 / Q4_0 grid (the values the GGUF's token_embd holds): the
+head an 8- / 4-bit MatMulNBits, the lookup a com.microsoft.GatherBlockQuantized of the same initialisers (onnxruntime
+>= 1.23), as onnxruntime-genai's builder shares a tied table.
 Inputs and outputs carry onnxruntime-genai's decoder names. Weights are streamed into model.onnx.data as they are
 read, one tensor at a time, so memory stays at one decoder layer plus the embedding.
 """
@@ -58,10 +60,10 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
 
     accuracy_level is MatMulNBits' attribute: 0 computes in float32, 4 lets the kernel quantise activations to int8
     per block (faster on phones, about 1e-2 relative error on a matmul). embedding: "f16" keeps the table as the
-    checkpoint has it and computes the head from it in float32; "q8_0" computes the head (tied table or lm_head) as
-    an 8-bit MatMulNBits of the table rounded to our Q8_0 grid (the values `--target ios --embedding q8_0` stores),
-    a quarter of the bytes per token, "q4_0" as a 4-bit one on our Q4_0 grid (an eighth: what onnxruntime-genai's
-    builder does to every head, at a cost in quality), while the lookup keeps the float16 table.
+    checkpoint has it and computes the head from it in float32; "q8_0" stores the embedding (and an untied lm_head)
+    rounded to our Q8_0 grid (the values `--target ios --embedding q8_0` stores) and computes the head as an 8-bit
+    MatMulNBits of it, a quarter of the bytes per token, the lookup reading the same codes; "q4_0" does the same on
+    our Q4_0 grid (an eighth: what onnxruntime-genai's builder does to every table, at a cost in quality).
     """
     if accuracy_level not in range(5):
         raise UserError(f"--accuracy-level {accuracy_level}: choose 0 (fp32), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
@@ -162,8 +164,9 @@ def stack(parts: list[dict]) -> dict:
     return t
 
 
-HEADS = {"f16": "float32 Gemm on the table as stored", "q8_0": "8-bit MatMulNBits, Q8_0 grid (block 32)",
-         "q4_0": "4-bit MatMulNBits, Q4_0 grid (block 32)"}
+HEADS = {"f16": "float32 Gemm on the table as stored",
+         "q8_0": "8-bit MatMulNBits, Q8_0 grid (block 32); the lookup a GatherBlockQuantized of the table on that grid",
+         "q4_0": "4-bit MatMulNBits, Q4_0 grid (block 32); the lookup a GatherBlockQuantized of the table on that grid"}
 
 
 def quantized_head(table, kind: str = "q8_0") -> dict:
@@ -335,11 +338,22 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
     # the table is stored float16 where the checkpoint has 16 bits (half the file): the Gather reads it as stored and
     # casts the rows it picked; the head casts it to float32 in slices that onnxruntime folds into float32 initialisers
     # at load (it folds no output over 1 GiB), so the tied head is the same table and as fast as one stored in float32
-    embed = _table(ckpt, "model.embed_tokens.weight")
-    half = embed.dtype == np.float16
-    embed = g.weight("model.embed_tokens.weight", embed)
-    h = g.op("Gather", embed, "input_ids", axis=0)
-    h = g.op("Cast", h, to=TensorProto.FLOAT) if half else h  # the GQA decoder folds scale_emb into what follows
+    # with --embedding q8_0 / q4_0 the table is stored once on that grid, as the GGUF's token_embd: the lookup is a
+    # GatherBlockQuantized of the rows (the codes reshaped [V, K*bits/8], MatMulNBits' packing) and, tied, the head a
+    # MatMulNBits of the same initialisers
+    if embedding == "f16":
+        embed = _table(ckpt, "model.embed_tokens.weight")
+        half = embed.dtype == np.float16
+        embed = g.weight("model.embed_tokens.weight", embed)
+        h = g.op("Gather", embed, "input_ids", axis=0)
+        h = g.op("Cast", h, to=TensorProto.FLOAT) if half else h  # the GQA decoder folds scale_emb into what follows
+    else:
+        table = quantized_head(ckpt.tensor("model.embed_tokens.weight"), embedding)
+        table["B"] = g.weight("model.embed_tokens.qweight", table["B"])
+        table["scales"] = g.weight("model.embed_tokens.scales", table["scales"])
+        rows = g.op("Reshape", table["B"], g.const([table["N"], table["K"] * table["bits"] // 8]))
+        h = g.op("GatherBlockQuantized", rows, "input_ids", table["scales"], domain="com.microsoft",
+                 bits=table["bits"], block_size=table["block_size"], gather_axis=0, quantize_axis=1)
 
     def head(x, table, half):  # x [rows, hidden] @ table[V, hidden]^T; a float16 table by float32 slices <= FOLD_BYTES
         if not half:
@@ -409,11 +423,13 @@ def _build(g: _Graph, ckpt: Checkpoint, cfg: ModelConfig, accuracy_level: int, e
     else:
         h = _gqa_decoder(g, ckpt, cfg, h, linear, norm)  # normed, divided by logit_scale
     if embedding != "f16":  # [B, T, hidden] -> [B, T, vocab] as it is
-        t = quantized_head(ckpt.tensor("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"),
-                           embedding)
-        g.op("MatMulNBits", h, g.weight("lm_head.qweight", t["B"]), g.weight("lm_head.scales", t["scales"]),
-             outputs=["logits"], name="lm_head", domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
-             block_size=t["block_size"], accuracy_level=accuracy_level)
+        if not cfg.tie_word_embeddings:
+            table = quantized_head(ckpt.tensor("lm_head.weight"), embedding)
+            table["B"] = g.weight("lm_head.qweight", table["B"])
+            table["scales"] = g.weight("lm_head.scales", table["scales"])
+        g.op("MatMulNBits", h, table["B"], table["scales"], outputs=["logits"], name="lm_head",
+             domain="com.microsoft", K=table["K"], N=table["N"], bits=table["bits"],
+             block_size=table["block_size"], accuracy_level=accuracy_level)
         return zero_points
     h = g.op("Reshape", h, g.const([-1, cfg.hidden_size]))
     if cfg.tie_word_embeddings:

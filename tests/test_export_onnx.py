@@ -472,11 +472,11 @@ def test_q8_0_table_is_the_gguf_q8_0_table_for_lookup_and_head(exported, gptq, t
     assert "model.embed_tokens.weight" not in weights and not any(n.op_type in ("Gemm", "Gather", "Cast") and
                                                                   n.input[0] in weights for n in model.graph.node)
     lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    reshape = next(n for n in model.graph.node if n.output[0] == lookup.input[0])
-    assert (reshape.op_type, reshape.input[0], lookup.input[1:]) == ("Reshape", head.input[1], ["input_ids",
-                                                                                                head.input[2]])
+    scales = next(n for n in model.graph.node if n.output[0] == lookup.input[2])  # [V, blocks] -> [V, blocks, 1]
+    assert lookup.input[:2] == [head.input[1], "input_ids"] and (scales.op_type, scales.input[0]) == ("Reshape",
+                                                                                                     head.input[2])
     assert {a.name: a.i for a in lookup.attribute} == {"bits": 8, "block_size": 32, "gather_axis": 0,
-                                                       "quantize_axis": 1}
+                                                       "quantize_axis": 2}
     codes = unpack(weights[head.input[1]], 8, 256).astype(np.float32) - 128  # absent zero points: 128
     values = codes * np.repeat(weights[head.input[2]], 32, 1)
     t = next(t for t in gguf.GGUFReader(gguf_file(export_ios(gptq("gqa"), tmp_path / "ios", embedding="q8_0"))).tensors
@@ -504,7 +504,9 @@ def test_untied_quantised_table_and_head(gptq, tmp_path):
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in model.graph.node if n.name == "lm_head")
-    assert lookup.input[2] == "model.embed_tokens.scales" and head.input[1:] == ["lm_head.qweight", "lm_head.scales"]
+    scales = next(n for n in model.graph.node if n.output[0] == lookup.input[2])
+    assert (lookup.input[0], scales.input[0]) == ("model.embed_tokens.qweight", "model.embed_tokens.scales")
+    assert head.input[1:] == ["lm_head.qweight", "lm_head.scales"]
     with Checkpoint(gptq("untied")) as ckpt:
         q8 = {n.replace(".", "__"): rtn(ckpt.tensor(n, torch.float32), QuantSpec(), block=TYPES["Q8_0"]).dequantized
               for n in ("model.embed_tokens.weight", "lm_head.weight")}

@@ -162,14 +162,13 @@ def main() -> None:
         print(json.dumps(rounds_in_order(json.loads(a.speed), a.rounds, a.threads, a.n_prompt, a.n_gen)))
         return
     if a.peak is not None:
-        import resource
-
         model = load(Path(a.peak), a.threads) if a.peak else None
         if model is not None:  # kept alive while its memory is read
             run_once(model, a.n_prompt, a.n_gen)
+        # VmHWM, not getrusage's ru_maxrss: Linux keeps that across exec, so a child would report its parent's peak
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, int(status["RssAnon"].split()[0]) / 1024)
-        return  # KiB on Linux
+        print(*(int(status[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon")))  # kB
+        return
 
     work = a.work or Path("out") / f"bench-onnx-genai-{a.model}"
     work.mkdir(parents=True, exist_ok=True)

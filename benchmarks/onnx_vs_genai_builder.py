@@ -1,18 +1,22 @@
 """Our ONNX export against onnxruntime-genai's own model builder, both decoded by onnxruntime-genai, same threads.
 
-  python benchmarks/onnx_vs_genai_builder.py --work out/bench-onnx-genai [--threads 2 --rounds 5]
+  python benchmarks/onnx_vs_genai_builder.py --model bundled|smollm2|minicpm-2b [--layers 8] [--work DIR]
+      [--threads 2 --rounds 5 --n-prompt 128 --n-gen 128] [--quality CHUNKS]
 
-The bundled model: ours is the GPTQ w4 g32 checkpoint exported with `minicpm-edge export --target onnx`; the builder's
-is `python -m onnxruntime_genai.models.builder -p int4 -e cpu` on the llama-format fold of the same model
-(benchmarks/quality_vs_peers.py fold_to_llama: the builder has no MiniCPM). The builder needs `onnx_ir`, which the
-onnxruntime-genai wheel does not pull in (put it on PYTHONPATH, e.g. pip install --target DIR onnx_ir). Rounds
-interleave the two models; prints median and range of prefill and decode tokens/s, the ratio, and each folder's size.
+Ours: the GPTQ w4 g32 checkpoint (RTN for the synthetic MiniCPM-2B shapes) exported with `minicpm-edge export
+--target onnx` and each --embedding (f16, q8_0, q4_0); the builder's: `python -m onnxruntime_genai.models.builder -p
+int4 -e cpu` on the same model (MiniCPM through its llama-format fold, benchmarks/quality_vs_peers.py fold_to_llama:
+the builder has no MiniCPM). The builder needs `onnx_ir`, which the onnxruntime-genai wheel does not pull in (put it
+on PYTHONPATH, e.g. pip install --target DIR onnx_ir). Rounds interleave the models, half of them in a process that
+loaded the models in the reverse order; prints median and range of prefill and decode tokens/s, the per-round ratio
+to the builder's, each folder's size and each model's peak and anonymous RSS (a process of its own), and with
+--quality the KL divergence, top-1 and PPL drift of each through onnxruntime against our torch forward.
 
-Measured on AMD EPYC (2 cores, shared), onnxruntime-genai 0.18.0, 2 threads. MiniCPM-2B shapes, 8 layers, pp128
-tg32, 5 rounds: ours / builder decode 0.41x (float32 head), 0.80x (q8_0 head), 0.99x (q4_0 head, the builder's
-bytes per token; per-round median 1.00), prefill 0.96-1.05x; sizes 840 / 1144 / 1009 MiB against 1544. Bundled model,
-pp128 tg128, 15 rounds: decode 1.00-1.11x the builder's for all three heads (per round 0.5-3.2: noise). Before the
-fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, stacked q|k|v and gate|up) ours was 0.35-0.81x.
+Measured on AMD EPYC (2 cores, shared), onnxruntime-genai 0.18.0, 2 threads, 2026-12-04 (README, Benchmarks):
+SmolLM2-135M, 6 rounds pp128 tg64: decode ours / builder 1.03x with --embedding q4_0 (the builder's bytes per token,
+same folder size) at 0.48x its KLD (0.2414 against 0.5055, 40 x 512 tokens), 1.01x with q8_0 (KLD 0.20x), 0.69x
+with the f16 table (0.19x). MiniCPM-2B shapes, 8 layers, 6 rounds pp128 tg32: 1.04x (q4_0), 0.86x (q8_0), 0.43x
+(f16); folders 469 / 604 / 840 MiB against 1544, anonymous RSS 1.05 / 1.23 / 2.32x the builder's.
 """
 
 from __future__ import annotations

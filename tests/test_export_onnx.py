@@ -317,20 +317,27 @@ def test_tokenizer_json_encodes_like_sentencepiece(bundled):
     assert hf.encode("<用户>你好<AI>").ids[:2] == [1, 3] and 4 in hf.encode("<用户>你好<AI>").ids
 
 
+def genai_greedy(model, ids: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after `ids`, `n` of them."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, dtype=np.int32))
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
 def test_onnxruntime_genai_drives_the_export(exported, gptq):
     """onnxruntime-genai (the runtime of its Android/iOS bindings) loads the folder as it is written."""
     import onnxruntime_genai as og
     out = exported("gqa")
     model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(IDS[:7]) + 16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(IDS[:7], dtype=np.int32))
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == TorchRunner(gptq("gqa"), threads=1).generate(IDS[:7], 16)
+    assert genai_greedy(model, IDS[:7], 16) == TorchRunner(gptq("gqa"), threads=1).generate(IDS[:7], 16)
     tok, ref = og.Tokenizer(model), Tokenizer(Checkpoint(gptq("gqa")).tokenizer_path)
     for text in PROBES:  # genai's tokenizer leaves BOS to the chat template ({{ bos_token }} first)
         assert [int(i) for i in tok.encode(text)] == ref.encode(text, bos=False), text
@@ -351,16 +358,7 @@ def test_onnxruntime_genai_drives_the_quantised_table(gptq, tmp_path):
         table = ckpt.embedding().float()
     ref = with_tensors(gptq("gqa"), tmp_path / "q8-table",
                        model__embed_tokens__weight=rtn(table, QuantSpec(), block=TYPES["Q8_0"]).dequantized)
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(IDS[:7]) + 16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(IDS[:7], dtype=np.int32))
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == TorchRunner(ref, threads=1).generate(IDS[:7], 16)
+    assert genai_greedy(og.Model(str(out)), IDS[:7], 16) == TorchRunner(ref, threads=1).generate(IDS[:7], 16)
 
 
 def _nothing_left(parent, name):

@@ -100,6 +100,8 @@ def export_onnx(checkpoint: Path, out: Path, *, force: bool = False, accuracy_le
                                      "block_size": spec.group_size if spec.group_size != -1 else PER_CHANNEL_BLOCK,
                                      "zero_points": zero_points, "accuracy_level": accuracy_level},
                     "head": HEADS[embedding],
+                    **({"requires": "onnxruntime >= 1.23 (GatherBlockQuantized of uint8 codes)"}
+                       if embedding != "f16" else {}),
                     "opset": OPSET, "activations": "float32", "weights": DATA, "model": cfg.notes()}
             if cfg.mla:
                 info["cache"] = ("MLA: past_key_values.N.key = normed latent [B, 1, S, kv_lora_rank], .value = rotated "

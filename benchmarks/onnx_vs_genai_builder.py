@@ -128,8 +128,8 @@ def rounds_in_order(order: list[list[str]], rounds: int, threads: int, n_prompt:
 
 def speed(folders: dict[str, Path], rounds: int, threads: int, n_prompt: int, n_gen: int) -> dict:
     """rounds_in_order in two processes, the second loading the models in the reverse order, half the rounds each:
-    here the model a process loads first decodes ~9% slower than the same folder loaded last (0.91-0.94x in three
-    A/B runs of one folder against itself), so one load order would favour the models loaded late."""
+    here the model a process loads first decodes 6-9% slower than it does loaded later (the same folder loaded first
+    and last in one process: 0.914x and 0.935x in two runs), so one load order would favour the models loaded late."""
     order = [[name, str(folder)] for name, folder in folders.items()]
     results = {name: ([], []) for name in folders}
     for part, n in ((order, (rounds + 1) // 2), (order[::-1], rounds // 2)):
@@ -174,11 +174,11 @@ def main() -> None:
         print(*(int(status[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon")))  # kB
         return
 
+    if a.quality and a.model not in ("bundled", "smollm2"):
+        raise SystemExit("--quality needs a trained model: --model bundled or smollm2 (synthetic weights are random)")
     work = a.work or Path("out") / f"bench-onnx-genai-{a.model}"
     work.mkdir(parents=True, exist_ok=True)
     folders, src = build(work, a.model, a.layers)
-    if a.quality and a.model not in ("bundled", "smollm2"):
-        raise SystemExit("--quality needs a trained model: --model bundled or smollm2 (synthetic weights are random)")
     peak = {name: peak_rss(folder, a.threads, a.n_prompt, a.n_gen) for name, folder in folders.items()}
     base = peak_rss(None, a.threads, a.n_prompt, a.n_gen)
     results = speed(folders, a.rounds, a.threads, a.n_prompt, a.n_gen)

@@ -350,14 +350,8 @@ def test_onnxruntime_genai_drives_the_quantised_table(gptq, tmp_path):
     tokens of our torch forward on a checkpoint holding the Q8_0 values."""
     import onnxruntime_genai as og
 
-    from minicpm_edge.quant import QuantSpec, rtn
-    from minicpm_edge.quant.kquant import TYPES
-
     out = export_onnx(gptq("gqa"), tmp_path / "q8", accuracy_level=0, embedding="q8_0")
-    with Checkpoint(gptq("gqa")) as ckpt:
-        table = ckpt.embedding().float()
-    ref = with_tensors(gptq("gqa"), tmp_path / "q8-table",
-                       model__embed_tokens__weight=rtn(table, QuantSpec(), block=TYPES["Q8_0"]).dequantized)
+    ref = on_grid(gptq("gqa"), tmp_path / "q8-table")
     assert genai_greedy(og.Model(str(out)), IDS[:7], 16) == TorchRunner(ref, threads=1).generate(IDS[:7], 16)
 
 
@@ -410,6 +404,17 @@ def test_runner_refuses_bad_folders(tmp_path):
               str(tmp_path / "model.onnx"))
     with pytest.raises(UserError, match="not a decoder"):
         OnnxRunner(tmp_path)
+    T = onnx.TensorProto  # a decoder whose cache is not [batch, heads, sequence, head size]
+    ins = [onnx.helper.make_tensor_value_info(n, T.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask")]
+    ins.append(onnx.helper.make_tensor_value_info("past_key_values.0.key", T.FLOAT, ["b", "s", 8]))
+    outs = [onnx.helper.make_tensor_value_info("logits", T.FLOAT, ["b", "s"]),
+            onnx.helper.make_tensor_value_info("present.0.key", T.FLOAT, ["b", "s", 8])]
+    nodes = [onnx.helper.make_node("Cast", ["input_ids"], ["logits"], to=T.FLOAT),
+             onnx.helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])]
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", ins, outs), ir_version=8,
+                                     opset_imports=[onnx.helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError, match="past_key_values.0.key has 3 dimensions"):
+        OnnxRunner(tmp_path)
 
 
 def test_runner_reads_a_symbolic_cache_width_from_genai_config(exported, tmp_path):
@@ -442,13 +447,24 @@ def test_rope_scaling_is_recorded_and_changes_the_graph(exported, gptq):
     assert np.abs(OnnxRunner(exported("longrope"), threads=1).logits(IDS) - plain).max() > 100 * TOL
 
 
-def with_tensors(ckpt, out, **tensors):
-    """A copy of checkpoint `ckpt` at `out` with some tensors replaced (names with dots as keyword keys: __ -> .)."""
+def with_tensors(ckpt, out, tensors: dict):
+    """A copy of checkpoint `ckpt` at `out` with the tensors named in `tensors` replaced."""
     out = shutil.copytree(ckpt, out)
     state = load_file(out / "model.safetensors")
-    state.update({name.replace("__", "."): value for name, value in tensors.items()})
+    state.update(tensors)
     save_file(state, str(out / "model.safetensors"))
     return out
+
+
+def on_grid(ckpt, out, kind: str = "Q8_0"):
+    """with_tensors: the embedding (and an untied lm_head) rounded to nearest on our `kind` grid (rtn), float32."""
+    from minicpm_edge.quant import QuantSpec, rtn
+    from minicpm_edge.quant.kquant import TYPES
+
+    with Checkpoint(ckpt) as c:
+        tables = {n: rtn(c.tensor(n, torch.float32), QuantSpec(), block=TYPES[kind]).dequantized
+                  for n in ("model.embed_tokens.weight", "lm_head.weight") if n in c.names}
+    return with_tensors(ckpt, out, tables)
 
 
 def test_q8_0_table_is_the_gguf_q8_0_table_for_lookup_and_head(exported, gptq, tmp_path):
@@ -482,7 +498,7 @@ def test_q8_0_table_is_the_gguf_q8_0_table_for_lookup_and_head(exported, gptq, t
     assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert np.array_equal(values, gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(values.shape))
     ref = with_tensors(gptq("gqa"), tmp_path / "q8-table",  # float32: q * d is exact in it
-                       model__embed_tokens__weight=torch.from_numpy(values))
+                       {"model.embed_tokens.weight": torch.from_numpy(values)})
     want, got = TorchRunner(ref, threads=1).logits(IDS), OnnxRunner(out, threads=1).logits(IDS)
     assert np.abs(got - want).max() <= TOL
     assert np.abs(got - OnnxRunner(exported("gqa"), threads=1).logits(IDS)).max() > 10 * TOL  # the rounding shows
@@ -496,8 +512,6 @@ def test_untied_quantised_table_and_head(gptq, tmp_path):
     """Untied: the lookup reads its own table on the grid (one row a token in the roofline's bytes), the head
     lm_head's; both agree with the torch forward on a checkpoint holding those values."""
     from minicpm_edge.bench import roofline
-    from minicpm_edge.quant import QuantSpec, rtn
-    from minicpm_edge.quant.kquant import TYPES
 
     out = export_onnx(gptq("untied"), tmp_path / "q8", accuracy_level=0, embedding="q8_0")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -506,10 +520,7 @@ def test_untied_quantised_table_and_head(gptq, tmp_path):
     scales = next(n for n in model.graph.node if n.output[0] == lookup.input[2])
     assert (lookup.input[0], scales.input[0]) == ("model.embed_tokens.qweight", "model.embed_tokens.scales")
     assert head.input[1:] == ["lm_head.qweight", "lm_head.scales"]
-    with Checkpoint(gptq("untied")) as ckpt:
-        q8 = {n.replace(".", "__"): rtn(ckpt.tensor(n, torch.float32), QuantSpec(), block=TYPES["Q8_0"]).dequantized
-              for n in ("model.embed_tokens.weight", "lm_head.weight")}
-    ref = with_tensors(gptq("untied"), tmp_path / "q8-tables", **q8)
+    ref = on_grid(gptq("untied"), tmp_path / "q8-tables")  # both tables
     assert np.abs(OnnxRunner(out, threads=1).logits(IDS) - TorchRunner(ref, threads=1).logits(IDS)).max() <= TOL
     per = roofline.bytes_per_token(out)
     size = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
@@ -537,7 +548,7 @@ def test_q4_0_head(exported, gptq, tmp_path):
     values = (unpack(weights[head.input[1]], 4, 256).astype(np.float32) - 8) * np.repeat(weights[head.input[2]], 32, 1)
     table = Checkpoint(gptq("gqa")).embedding().float()
     assert np.array_equal(values, rtn(table, QuantSpec(), block=TYPES["Q4_0"]).dequantized.numpy())
-    ckpt = with_tensors(gptq("gqa"), tmp_path / "q4-table", model__embed_tokens__weight=torch.from_numpy(values))
+    ckpt = with_tensors(gptq("gqa"), tmp_path / "q4-table", {"model.embed_tokens.weight": torch.from_numpy(values)})
     got = OnnxRunner(out, threads=1).logits(IDS)
     assert np.abs(got - TorchRunner(ckpt, threads=1).logits(IDS)).max() <= TOL  # lookup and head: those values
     ref = OnnxRunner(exported("gqa"), threads=1).logits(IDS)

@@ -254,19 +254,10 @@ def test_onnx_runs_the_mla_graph_like_our_forward(quants, trained, tmp_path):
     assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
     assert ort.generate(ids, 12) == torch_run.generate(ids, 12)  # onnxruntime's latent cache, token by token
     # --embedding q8_0: the GatherBlockQuantized lookup and the 8-bit head feed the plain-op latent graph too
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from minicpm_edge.quant import QuantSpec, rtn
-    from minicpm_edge.quant.kquant import TYPES
+    from test_export_onnx import on_grid
 
     q8 = export_onnx(quants["gptq"], tmp_path / "onnx-q8", accuracy_level=0, embedding="q8_0")
-    table = shutil.copytree(quants["gptq"], tmp_path / "q8-table")
-    state = load_file(table / "model.safetensors")
-    for name in {"model.embed_tokens.weight", "lm_head.weight"} & state.keys():
-        state[name] = rtn(state[name].float(), QuantSpec(), block=TYPES["Q8_0"]).dequantized
-    save_file(state, str(table / "model.safetensors"))
+    table = on_grid(quants["gptq"], tmp_path / "q8-table")
     want, got = open_runner(table).logits(ids), open_runner(q8).logits(ids)
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max() < np.abs(got - b).max()  # the rounding shows
     art = ev.evaluate(trained, out, ctx=256, max_chunks=12)

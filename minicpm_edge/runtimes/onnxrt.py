@@ -41,7 +41,7 @@ class OnnxRunner:
                             "re-export it with `minicpm-edge export --target onnx`")
         self.positions = "position_ids" in inputs  # GroupQueryAttention graphs take positions from the cache
         # [batch, kv, 0, head_dim] each (MiniCPM3's latent cache: key and value widths differ)
-        self.kv_shapes = [_cache_shape(inputs[n].shape, Path(folder), n) for n in self.past]
+        self.kv_shapes = _cache_shapes({n: inputs[n].shape for n in self.past}, Path(folder))
         self.vocab_size = outputs["logits"].shape[-1]
 
     def _run(self, ids: list[int], past=None) -> tuple[np.ndarray, object]:
@@ -125,22 +125,26 @@ class _SharedCache:
         return self.arrays[i][:, :, :self.length]
 
 
-def _cache_shape(shape, folder: Path, name: str) -> list[int]:
-    """A past_key_values input's shape with its symbolic dimensions as 0; a symbolic kv-head count or head size
-    (onnxruntime-genai's builder writes `kv_cache_dim`) is what genai_config.json gives genai."""
-    dims = [d if isinstance(d, int) else 0 for d in shape]
-    if len(dims) != 4:
-        raise UserError(f"{folder / 'model.onnx'}: {name} has {len(dims)} dimensions, not [batch, heads, "
-                        "sequence, head size]")
-    if not (dims[1] and dims[3]):
-        try:
-            decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-            dims[1] = dims[1] or int(decoder["num_key_value_heads"])
-            dims[3] = dims[3] or int(decoder["head_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{folder / 'model.onnx'}: {name} leaves its head count or size symbolic and no "
-                            "genai_config.json gives them") from None
-    return dims
+def _cache_shapes(shapes: dict, folder: Path) -> list[list[int]]:
+    """The past_key_values inputs' shapes (name -> onnxruntime's shape) with symbolic dimensions as 0; a symbolic
+    kv-head count or head size (onnxruntime-genai's builder writes `kv_cache_dim`) is what genai_config.json gives
+    genai (read once)."""
+    out, decoder = [], None
+    for name, shape in shapes.items():
+        dims = [d if isinstance(d, int) else 0 for d in shape]
+        if len(dims) != 4:
+            raise UserError(f"{folder / 'model.onnx'}: {name} has {len(dims)} dimensions, not [batch, heads, "
+                            "sequence, head size]")
+        if not (dims[1] and dims[3]):
+            try:
+                decoder = decoder or json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+                dims[1] = dims[1] or int(decoder["num_key_value_heads"])
+                dims[3] = dims[3] or int(decoder["head_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise UserError(f"{folder / 'model.onnx'}: {name} leaves its head count or size symbolic and no "
+                                "genai_config.json gives them") from None
+        out.append(dims)
+    return out
 
 
 def _layer_kind(name: str) -> tuple[int, str]:

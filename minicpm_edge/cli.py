@@ -83,7 +83,7 @@ def quantize(
                                           "GPTQ) to 1 (default 0.5). Runs a second, unquantised stream of hidden "
                                           "states (about 1.4x the time)."),
 ):
-    """GPTQ int4 group quantisation (or onto llama.cpp's K-quant mixes), layer by layer, on CPU."""
+    """GPTQ int4 group quantisation (or onto llama.cpp's K-quant mixes), layer by layer, on CPU (or a CUDA GPU)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .model import Checkpoint
@@ -364,7 +364,8 @@ def inspect(
     verify: bool = typer.Option(False, help="Re-check an artifact's manifest and checksums."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
-    """Architecture, config, parameter count, dtypes, shapes and tying of a checkpoint."""
+    """Architecture, config, parameter count, dtypes, shapes and tying of a checkpoint; or what an exported artifact
+    (a GGUF file, or a folder `export` wrote) holds."""
     if verify:
         from .artifact import verify as verify_folder
 
@@ -375,8 +376,15 @@ def inspect(
         if v["unlisted"]:
             console.print(f"  not in the manifest (not checked): {', '.join(v['unlisted'])}")
         return
-    from .inspect import summarize
+    from .inspect import is_artifact, summarize, summarize_artifact
 
+    if is_artifact(path):
+        s = summarize_artifact(path)
+        if json_out:
+            write_json("-", s)
+            return
+        _print_artifact(s)
+        return
     s = summarize(path)
     if json_out:
         write_json("-", s)
@@ -408,6 +416,32 @@ def inspect(
     console.print(t)
 
 
+def _print_artifact(s: dict) -> None:
+    console.print(f"{s['kind']} artifact at {s['path']}: {len(s['files'])} file(s), {s['bytes'] / 2**20:.2f} MiB"
+                  + (f", written by {s['tool']}" if s["tool"] else ""), style="bold")
+    if s["export"]:
+        console.print("export: " + "; ".join(f"{k} {v}" for k, v in s["export"].items() if not isinstance(v, (dict, list))))
+    for m in s["models"]:
+        if m["format"] == "gguf":
+            console.print(f"{m['file']}: GGUF, {m['architecture']}, {m['layers']} layers, context {m['context']}, "
+                          f"vocab {m['vocab']}; {m['tensors']} tensors, {m['parameters']:,} weights, "
+                          f"{m['bits_per_weight']} bits per weight; types "
+                          + ", ".join(f"{t} x{n}" for t, n in m["types"].items())
+                          + f"; chat template {'yes' if m['chat_template'] else 'no'}")
+        elif m["format"] == "onnx":
+            console.print(f"{m['file']}: ONNX, opsets " + ", ".join(f"{d} {v}" for d, v in m["opsets"].items())
+                          + f"; {m['nodes']} nodes (" + ", ".join(f"{o} x{n}" for o, n in m["ops"].items())
+                          + f"); {m['initializers']} initializers, {m['inputs']} inputs")
+        else:
+            console.print(f"{m['file']}: MLC weights, {m['model_type']} {m['quantization']}, context {m['context']}; "
+                          f"{m['tensors']} tensors in {m['shards']} shard(s), {m['bytes'] / 2**20:.2f} MiB; dtypes "
+                          + ", ".join(f"{d} x{n}" for d, n in m["dtypes"].items()))
+    t = table("file", "bytes", title="files")
+    for name, n in s["files"].items():
+        t.add_row(name, f"{n:,}")
+    console.print(t)
+
+
 def _fail(message: str, code: int = 2):
     message = " ".join(str(message).split("\n"))  # one line, whatever a message quotes from a file
     err.print(f"error: {message}", soft_wrap=True)
@@ -431,6 +465,6 @@ def run() -> None:
         _fail(f"{e.format_message()} (see '{where} --help')", e.exit_code)
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code)
-    except click.Abort:
+    except typer.Abort:  # click's Abort, or typer's own where typer vendors click (0.2x has none in click's module)
         _fail("aborted", 1)
     raise SystemExit(code if isinstance(code, int) else 0)

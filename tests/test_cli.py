@@ -51,6 +51,33 @@ def test_export_every_target_then_verify(bundled_gptq, tmp_path, target, expect)
     assert v.returncode == 0 and "match manifest.json" in v.stdout, v.stderr
     again = cli("export", bundled_gptq, "--target", target, "--out", out)
     assert again.returncode == 2 and "--force" in again.stderr
+    check_inspect_artifact(out, target, bundled_gptq)
+
+
+def check_inspect_artifact(out, target, source):
+    """`inspect` on an exported folder: its files as on disk, and per model file what a runtime reads, tied to the
+    source checkpoint's own counts."""
+    r = cli("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{target} artifact at {out}") and "export.json" in r.stdout
+    s = json.loads(cli("inspect", out, "--json").stdout)
+    files = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert s["kind"] == target and s["files"] == files and s["bytes"] == sum(files.values())
+    assert s["export"] == json.loads((out / "export.json").read_text())
+    ckpt = json.loads(cli("inspect", source, "--json").stdout)
+    layers = ckpt["config"]["num_hidden_layers"]
+    (m,) = s["models"]
+    if target == "ios":  # every weight of the checkpoint in the GGUF (tied: one table), each Linear as Q4_0
+        assert m["format"] == "gguf" and m["parameters"] == ckpt["parameters"] and m["types"]["Q4_0"] == 7 * layers
+        assert m["layers"] == layers and m["vocab"] == ckpt["config"]["vocab_size"] and m["chat_template"]
+        assert 4.5 <= m["bits_per_weight"] < 8 * files[m["file"]] / m["parameters"]  # tensor data, not the header
+    elif target == "onnx":  # fused q|k|v and gate|up: four MatMulNBits and one GroupQueryAttention a layer
+        assert m["format"] == "onnx" and m["ops"]["MatMulNBits"] == 4 * layers
+        assert m["ops"]["GroupQueryAttention"] == layers and m["opsets"]["com.microsoft"] == 1
+    else:
+        shards = sum(v for k, v in files.items() if k.rsplit("/", 1)[-1].startswith("params_shard_"))
+        assert m["format"] == "mlc" and m["bytes"] == shards and m["quantization"] == s["export"]["layout"]
+        assert m["dtypes"]["uint32"] > 0 and m["context"] == s["export"]["context_window_size"]
 
 
 def test_verify_catches_a_flipped_byte(bundled_gptq, tmp_path):
@@ -86,6 +113,41 @@ def test_inspect_bad_input_is_one_line(tmp_path, setup, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_a_gguf_file(bundled_gptq, tmp_path):
+    out = tmp_path / "ios"
+    assert cli("export", bundled_gptq, "--target", "ios", "--out", out).returncode == 0
+    f = next(out.glob("*.gguf"))
+    s = json.loads(cli("inspect", f, "--json").stdout)
+    assert s["kind"] == "gguf" and s["bytes"] == f.stat().st_size and s["models"][0]["architecture"] == "minicpm"
+    assert cli("inspect", f).stdout.startswith("gguf artifact at")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(f.read_bytes()[:100])
+    r = cli("inspect", bad)
+    assert r.returncode == 2 and "not a readable GGUF file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_malformed_manifest_is_one_line(tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    (d / "manifest.json").write_text('{"kind": "ios", "files": 3}')
+    r = cli("inspect", d)
+    assert r.returncode == 2 and "malformed manifest" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_closed_stdout_is_no_traceback():
+    """`minicpm-edge inspect | head -1`: the reader goes away before the output is written."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "minicpm_edge", "inspect"], stdout=write, stderr=subprocess.PIPE,
+                           text=True)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_inspect_missing_dir(tmp_path):

@@ -42,15 +42,37 @@ PEER_SCRIPT = r"""
 import json, sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
 src, out, ids_path, dtype = sys.argv[1:5]
+device = sys.argv[5] if len(sys.argv) > 5 else "auto"
 ids = json.load(open(ids_path))
 calib = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long)} for r in ids]
 qc = QuantizeConfig(bits=4, group_size=32, sym=True, desc_act=False, damp_percent=0.01)
-model = GPTQModel.load(src, qc, **({} if dtype == "auto" else {"dtype": getattr(torch, dtype)}))
+kw = ({} if dtype == "auto" else {"dtype": getattr(torch, dtype)}) | ({} if device == "auto" else {"device": device})
+model = GPTQModel.load(src, qc, **kw)
+cuda = torch.cuda.is_available()
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
 t = time.time()
 model.quantize(calib, batch_size=1)
-print(json.dumps({"seconds": time.time() - t}))
+if cuda:
+    torch.cuda.synchronize()
+print(json.dumps({"seconds": time.time() - t, "gpu_peak_allocated": torch.cuda.max_memory_allocated() if cuda else None}))
 model.save(out)
 """
+
+
+def granite_copy(model: Path, dest: Path) -> Path:
+    """`model` re-labelled GraniteForCausalLM (gptqmodel quantises it as a llama clone; its config carries MiniCPM's
+    muP multipliers), at `dest`."""
+    from minicpm_edge.model import Checkpoint
+
+    c = Checkpoint(model).config
+    shutil.copytree(model, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=float(c.scale_emb),
+               residual_multiplier=c.residual_scale, logits_scaling=c.logit_scale, attention_multiplier=1 / math.sqrt(c.head_dim),
+               attention_bias=False, mlp_bias=False, tie_word_embeddings=True, rope_theta=c.rope_theta)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
 
 
 BLOCKSIZE = 128  # GPTQ.quantize's default block size, for the solver's floor
@@ -133,13 +155,7 @@ def main() -> None:
     c = Checkpoint(model).config
     settings = a.ours.split(",")
 
-    granite = root / "granite"
-    shutil.copytree(model, granite)
-    cfg = json.loads((granite / "config.json").read_text())
-    cfg.update(architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=float(c.scale_emb),
-               residual_multiplier=c.residual_scale, logits_scaling=c.logit_scale, attention_multiplier=1 / math.sqrt(c.head_dim),
-               attention_bias=False, mlp_bias=False, tie_word_embeddings=True, rope_theta=c.rope_theta)
-    (granite / "config.json").write_text(json.dumps(cfg))
+    granite = granite_copy(model, root / "granite")
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
 
     ours = {k: [] for k in settings}  # setting -> [(layer seconds, wall seconds, phases)]

@@ -19,6 +19,7 @@ OUT.json. Each phase counts its own time only (time in a wrapped function it cal
   packing    QuantizedLinear.from_result and to_gptq
   io         loading the layer, saving layer files and hidden states, assembling the checkpoint
   setup      the rest of quantize_checkpoint (checks, tokenising the calibration text, the embedding lookup)
+On a CUDA device OUT.json also holds gpu_peak_allocated and gpu_peak_reserved (bytes, torch's allocator).
 """
 
 from __future__ import annotations
@@ -99,8 +100,12 @@ def main() -> None:
     try:
         cli.run()
     finally:
+        result = dict(TOTALS)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # torch's allocator peaks, this process
+            result["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
+            result["gpu_peak_reserved"] = torch.cuda.max_memory_reserved()
         with open(out, "w") as f:
-            json.dump(TOTALS, f)
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

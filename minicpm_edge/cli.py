@@ -66,8 +66,8 @@ def quantize(
     seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
     damp: float = typer.Option(0.01, help="Hessian damping as a fraction of its mean diagonal."),
     device: str = typer.Option("cpu", help="cpu, or cuda where present."),
-    compute: str = typer.Option("auto", help="Layer forwards and Hessian products in fp32 or bf16; auto: bf16 on GPUs "
-                                "and CPUs with AVX512-BF16/AMX, else fp32 (the solver is fp32 either way)."),
+    compute: str = typer.Option("auto", help="Layer forwards in fp32 or bf16; auto: bf16 on GPUs and CPUs with "
+                                "AVX512-BF16/AMX, else fp32 (Hessians and the solver are fp32 either way)."),
     out: Optional[Path] = typer.Option(None, help="Output checkpoint directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
@@ -128,6 +128,12 @@ def quantize(
     what = f"llama.cpp {mix} mix" if mix else f"{bits}-bit, group {group_size}, {'sym' if sym else 'asym'}"
     console.print(f"wrote {result} ({method.value}, {what}; "
                   f"{report['totals']['seconds']:.1f}s; mean layer rel. error {report['totals']['mean_layer_rel_error']:.4f})")
+    raised = [v["damp"] for r in report["layers"] for v in r["modules"].values() if v.get("damp", 0) > damp]
+    if raised:
+        n = sum(len(r["modules"]) for r in report["layers"])
+        err.print(f"note: {len(raised)} of {n} Linears needed more damping than --damp {damp:g} (up to {max(raised):g}; "
+                  "quant_report.json names them): their Hessians are near-singular; more calibration tokens "
+                  "(--nsamples, --seqlen) lower their error", soft_wrap=True)
 
 
 @app.command("eval")

@@ -97,7 +97,7 @@ def module_errors(d):
 
 
 def test_bf16_compute_matches_fp32_quality(bundled, tmp_path):
-    """bf16 layer forwards and Hessian products: the same module errors as fp32 (within 5%), fp32 solver."""
+    """bf16 layer forwards (fp32 Hessians and solver): the same module errors as fp32 (within 5%)."""
     fp32, bf16 = (module_errors(quantize_checkpoint(bundled, tmp_path / c, QuantOptions(compute=c, **FAST)))
                   for c in ("fp32", "bf16"))
     assert fp32.keys() == bf16.keys()
@@ -294,3 +294,18 @@ def test_gptaq_matches_the_unquantised_model_better(bundled, quantized, tmp_path
     bad = run_cli("--out", tmp_path / "y", "--method", "rtn", "--gptaq", "0.5")
     assert bad.wait() == 2 and "needs --method gptq" in bad.stderr.read()
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_raised_damping_is_reported(bundled, tmp_path):
+    """--damp 0 on 16 calibration tokens: every Hessian is singular, each factorisation takes the first damping that
+    works (0.01), and the run says so in one line on stderr; at the default damping nothing is said."""
+    p = run_cli(bundled, "--out", tmp_path / "q", "--damp", "0", "--nsamples", "1", "--seqlen", "16")
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    damps = [v["damp"] for r in report["layers"] for v in r["modules"].values()]
+    assert set(damps) == {0.01}
+    (note,) = [line for line in err.splitlines() if line.startswith("note:")]
+    assert f"{len(damps)} of {len(damps)} Linears needed more damping than --damp 0 (up to 0.01" in note
+    p = run_cli(bundled, "--out", tmp_path / "d", "--nsamples", "1", "--seqlen", "16")
+    assert p.wait() == 0 and "note:" not in p.stderr.read()

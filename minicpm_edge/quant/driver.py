@@ -56,7 +56,7 @@ class QuantOptions:
     static_groups: bool = False  # group parameters fixed before the error updates (always so with act-order)
     search: str = "weighted"  # grid search (grid.SEARCHES): Hessian-diagonal weighted, GPTQ's mse clipping, or max
     device: str = "cpu"
-    compute: str = "auto"  # layer forwards and Hessian products: fp32, bf16 or auto (the solver is always fp32)
+    compute: str = "auto"  # layer forwards: fp32, bf16 or auto (Hessians and the solver are always fp32)
     batch: int = 8  # calibration samples per forward chunk
     seed: int = 0
     # GPTAQ (GPTQ only): each Linear aims at the unquantised model's output, this share of the exact correction.
@@ -229,7 +229,7 @@ ORDERS = ("act", "gar", "natural")
 
 
 def auto_compute(device: str) -> str:
-    """bf16 where it is fast (CUDA; CPUs with AVX512-BF16 or AMX: ~4x fp32 on matmuls, equal GPTQ error measured),
+    """bf16 forwards where they are fast (CUDA; CPUs with AVX512-BF16 or AMX: ~4x fp32 on matmuls),
     fp32 elsewhere (CPUs without bf16 units emulate it, slower than fp32)."""
     if device.startswith("cuda"):
         return "bf16"
@@ -244,8 +244,9 @@ def quantize_layer(layer: DecoderLayer, h: torch.Tensor, cos, sin, opts: QuantOp
     `native`: the unquantised model's hidden states entering the layer (opts.gptaq > 0: each Linear aims at the
     unquantised model's output, GPTQ.target); advanced through the unquantised layer in place.
 
-    The residual stream h stays float32; with opts.compute "bf16" the layer's modules and the Hessian products run
-    in bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX), while each solver sees the float32 weights.
+    The residual stream h stays float32; with opts.compute "bf16" the layer's modules run in bfloat16 (several
+    times faster on CPUs with AVX512-BF16 or AMX), while the Hessians are float32 products of their bfloat16
+    inputs (GPTQ.add_batch says why) and each solver sees the float32 weights.
     """
     dt = COMPUTE[opts.compute]
     mla = isinstance(layer.self_attn, LatentAttention)

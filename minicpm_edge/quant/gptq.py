@@ -76,9 +76,11 @@ class GPTQ:
         of a Hessian gives them or none does."""
         if x.shape[-1] != self.k:
             raise UserError(f"calibration activations have {x.shape[-1]} features, the layer expects {self.k}")
-        x = x.detach().reshape(-1, self.k).to(self.H.device)
-        if x.dtype != torch.bfloat16:
-            x = x.float()
+        # the products in float32 whatever the layer computed in: a bfloat16 product rounds its result to bfloat16
+        # (0.4% of an entry), which on real activations (massive-activation channels 100-250x the median channel's
+        # energy, first tokens 60x the median token's) outweighs 1% damping on H's near-null directions. SmolLM2-135M
+        # at 128 x 512 tokens: bf16 products needed 10% damping on 5 of 210 Linears, mean KL 1.25x float32's
+        x = x.detach().reshape(-1, self.k).to(self.H.device, torch.float32)
         if native is not None:
             if native.shape[-1] != self.k or native.numel() != x.numel():
                 raise UserError("the unquantised model's activations do not match the quantised model's")
@@ -99,18 +101,14 @@ class GPTQ:
         # of the diagonal and its diagonal block only (a bit over half the product), then mirrored
         beta, alpha = (self.n - m) / self.n, 2 / self.n
         edges = _block_edges(self.k)
-        for a, b in zip(edges, edges[1:]):
-            if x.dtype == torch.float32:  # one GEMM into H, no temporary
-                self.H[a:b, :b].addmm_(x[:, a:b].t(), x[:, :b], beta=beta, alpha=alpha)
-            else:  # the product in bfloat16 (fast where the CPU has bf16 units), the running sum in float32
-                self.H[a:b, :b].mul_(beta).add_((x[:, a:b].t() @ x[:, :b]).float(), alpha=alpha)
+        for a, b in zip(edges, edges[1:]):  # one GEMM into H, no temporary
+            self.H[a:b, :b].addmm_(x[:, a:b].t(), x[:, :b], beta=beta, alpha=alpha)
         for a, b in zip(edges[1:-1], edges[2:]):
             self.H[:a, a:b].copy_(self.H[a:b, :a].t())
         if native is not None:  # not symmetric: one full product
             if self.dXXt is None:
                 self.dXXt = torch.zeros_like(self.H)
-            d = (native - x).t() @ x
-            self.dXXt.mul_(beta).add_(d.float(), alpha=alpha)
+            self.dXXt.addmm_((native - x).t(), x, beta=beta, alpha=alpha)
 
     def target(self, weight: torch.Tensor, alpha: float = 1.0, damp: float = 0.01, spec: QuantSpec | None = None,
                act_order: bool = False, static_groups: bool = False, group_aware: bool = False) -> torch.Tensor:

@@ -76,11 +76,9 @@ class GPTQ:
         of a Hessian gives them or none does."""
         if x.shape[-1] != self.k:
             raise UserError(f"calibration activations have {x.shape[-1]} features, the layer expects {self.k}")
-        # the products in float32 whatever the layer computed in: a bfloat16 product rounds its result to bfloat16
-        # (0.4% of an entry), which on real activations (massive-activation channels 100-250x the median channel's
-        # energy, first tokens 60x the median token's) outweighs 1% damping on H's near-null directions. SmolLM2-135M
-        # at 128 x 512 tokens: bf16 products needed 10% damping on 5 of 210 Linears, mean KL 1.25x float32's
-        x = x.detach().reshape(-1, self.k).to(self.H.device, torch.float32)
+        x = x.detach().reshape(-1, self.k).to(self.H.device)
+        if x.dtype != torch.bfloat16:
+            x = x.float()
         if native is not None:
             if native.shape[-1] != self.k or native.numel() != x.numel():
                 raise UserError("the unquantised model's activations do not match the quantised model's")
@@ -100,15 +98,22 @@ class GPTQ:
         # running average: H stays (2/n) sum x x^T after every batch. x^T x is symmetric: each block row's part left
         # of the diagonal and its diagonal block only (a bit over half the product), then mirrored
         beta, alpha = (self.n - m) / self.n, 2 / self.n
+        # H's products in float32 whatever the layer computed in: a bfloat16 product rounds its result to bfloat16
+        # (0.4% of an entry), which on real activations (massive-activation channels 100-250x the median channel's
+        # energy, first tokens 60x the median token's) outweighs 1% damping on H's near-null directions. SmolLM2-135M
+        # at 128 x 512 tokens: bf16 products needed 10% damping on 5 of 210 Linears, mean KL 1.25x float32's
+        xf = x.float()
         edges = _block_edges(self.k)
         for a, b in zip(edges, edges[1:]):  # one GEMM into H, no temporary
-            self.H[a:b, :b].addmm_(x[:, a:b].t(), x[:, :b], beta=beta, alpha=alpha)
+            self.H[a:b, :b].addmm_(xf[:, a:b].t(), xf[:, :b], beta=beta, alpha=alpha)
         for a, b in zip(edges[1:-1], edges[2:]):
             self.H[:a, a:b].copy_(self.H[a:b, :a].t())
-        if native is not None:  # not symmetric: one full product
-            if self.dXXt is None:
+        del xf
+        if native is not None:  # not symmetric: one full product, in x's type (a correction to W, not factorised:
+            if self.dXXt is None:  # bf16's rounding of it is 0.4% of a few percent of the weight)
                 self.dXXt = torch.zeros_like(self.H)
-            self.dXXt.addmm_((native - x).t(), x, beta=beta, alpha=alpha)
+            d = (native - x).t() @ x
+            self.dXXt.mul_(beta).add_(d.float(), alpha=alpha)
 
     def target(self, weight: torch.Tensor, alpha: float = 1.0, damp: float = 0.01, spec: QuantSpec | None = None,
                act_order: bool = False, static_groups: bool = False, group_aware: bool = False) -> torch.Tensor:

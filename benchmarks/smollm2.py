@@ -28,7 +28,7 @@ def main() -> None:
     from minicpm_edge.model import Tokenizer
     from minicpm_edge.model.from_gguf import convert, smollm2_gguf
     from minicpm_edge.quant import QuantSpec
-    from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint
+    from minicpm_edge.quant.driver import QuantOptions, quantize_checkpoint, raised_damping
     from minicpm_edge.runtimes import open_runner
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,12 +65,12 @@ def main() -> None:
         out = quantised(method, bits, group, a.compute)
         r = ev.evaluate(model, out, max_chunks=a.chunks)
         report = json.loads((out / "quant_report.json").read_text())
-        modules = [v for layer in report["layers"] for v in layer["modules"].values()]
         row = {"method": method, "bits": bits, "group_size": group, "kl_mean": r["kl_mean"], "kl_p99": r["kl_p99"],
                "top1": r["top1"], "ppl_ref": r["ref"]["ppl"], "ppl_quant": r["quant"]["ppl"], "drift": r["drift"],
                "tokens_scored": r["tokens_scored"], "convention": f"{r['method']} ctx {r['ctx']}",
                "compute": report["compute"], "layer_seconds": report["totals"]["layer_seconds"],
-               "damping_raised": sum(v.get("damp", 0) > report["damp"] for v in modules), "linears": len(modules)}
+               "damping_raised": len(raised_damping(report)),
+               "linears": sum(len(layer["modules"]) for layer in report["layers"])}
         key = lambda x: (x["method"], x["bits"], x["group_size"], x.get("compute"))  # noqa: E731
         results["grid"] = [x for x in results["grid"] if key(x) != key(row)] + [row]
         print(json.dumps(row), flush=True)

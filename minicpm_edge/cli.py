@@ -87,7 +87,7 @@ def quantize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .model import Checkpoint
-    from .quant.driver import QuantOptions, quantize_checkpoint
+    from .quant.driver import QuantOptions, quantize_checkpoint, raised_damping
     from .quant.grid import QuantSpec
 
     from .quant.kquant import FORMATS, MIXES
@@ -128,7 +128,7 @@ def quantize(
     what = f"llama.cpp {mix} mix" if mix else f"{bits}-bit, group {group_size}, {'sym' if sym else 'asym'}"
     console.print(f"wrote {result} ({method.value}, {what}; "
                   f"{report['totals']['seconds']:.1f}s; mean layer rel. error {report['totals']['mean_layer_rel_error']:.4f})")
-    raised = [v["damp"] for r in report["layers"] for v in r["modules"].values() if v.get("damp", 0) > damp]
+    raised = raised_damping(report)
     if raised:
         n = sum(len(r["modules"]) for r in report["layers"])
         err.print(f"note: {len(raised)} of {n} Linears needed more damping than --damp {damp:g} (up to {max(raised):g}; "

@@ -122,8 +122,8 @@ def test_quantize_eval_and_export_agree_with_llama_cpp(smol_cut, tmp_path):
 
     kl = {}
     for method, compute in (("gptq", "fp32"), ("gptq", "bf16"), ("rtn", "fp32")):  # bf16 forwards work on every CPU
-        # (emulated, slower, where it has no bf16 units); with bf16 Hessian products this case came out GPTQ 0.0331
-        # against RTN 0.0310 on an AMD EPYC (AVX512-BF16, no AMX): factorisations failing at 1% damping
+        # (emulated, slower, where it has no bf16 units); with bf16 Hessian products (155a54b's gptq.py) this case
+        # came out GPTQ 0.0331 against RTN 0.0311 on an AMD EPYC (AVX512-BF16, no AMX)
         q = quantized(smol_cut, tmp_path / f"{method}-w4g64-{compute}", method=method, group_size=64, nsamples=16,
                       seqlen=256, compute=compute)
         kl[method, compute] = ev.evaluate(smol_cut, q, max_chunks=4)["kl_mean"]

@@ -228,6 +228,11 @@ COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ORDERS = ("act", "gar", "natural")
 
 
+def raised_damping(report: dict) -> list[float]:
+    """The damping of each Linear in a quant_report whose factorisation failed at the run's --damp."""
+    return [v["damp"] for r in report["layers"] for v in r["modules"].values() if v.get("damp", 0) > report["damp"]]
+
+
 def auto_compute(device: str) -> str:
     """bf16 forwards where they are fast (CUDA; CPUs with AVX512-BF16 or AMX: ~4x fp32 on matmuls),
     fp32 elsewhere (CPUs without bf16 units emulate it, slower than fp32)."""
